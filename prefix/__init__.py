@@ -1,0 +1,1 @@
+"""prefix: a preemption-tolerant distributed training daemon."""

@@ -1,0 +1,273 @@
+"""Configuration: one dataclass per YAML section, dotted command-line overrides, validation.
+
+Every mistake a user can make here raises `ConfigError` with one line that names the key and
+the fix; the entry point turns it into exit code 2. Validation that needs the world size (batch
+divisibility) lives in `check_world`, called once the process group is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prefix.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration value is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class RunConfig:
+    seed: int = 1337
+    """Seeds model initialisation, the data shuffle (unless data.shuffle_seed is set) and every RNG."""
+
+
+@dataclass
+class DataConfig:
+    local: str | None = None
+    """Folder of MDS shards (with train/ and val/ splits). Unset: the embedded default corpus."""
+    remote: str | None = None
+    """Where streaming downloads shards from into `local` (object store URL or folder)."""
+    train_split: str = "train"
+    val_split: str = "val"
+    num_workers: int = 1
+    """DataLoader worker processes per rank for the training stream."""
+    shuffle: bool = True
+    shuffle_seed: int | None = None
+    shuffle_algo: str = "py1e"
+    num_canonical_nodes: int = 1
+    """Fixed, and stored in the checkpoint: streaming's sample order depends on it."""
+    shuffle_block_size: int | None = None
+    cache_dir: str | None = None
+    """Where the default corpus is built; unset: $PREFIX_CACHE_DIR, else ~/.cache/prefix."""
+    val_fraction: float = 0.02
+    """Share of documents held out for validation when building the default corpus."""
+    record_samples: bool = False
+    """Write the dataset index of every sample each step consumed to metrics/samples_rank{r}.jsonl."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 257
+    """Byte-level default: 256 byte ids plus one end-of-document id."""
+    seq_len: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    mlp_hidden: int | None = None
+    """SwiGLU hidden width; unset: 8/3 of d_model rounded up to a multiple of 64."""
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    global_batch_size: int = 16
+    """Sequences per optimizer step, across all ranks; kept when the world size changes."""
+    micro_batch_size: int = 4
+    """Sequences per forward pass on one rank."""
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    log_every: int = 10
+    eval_every: int = 50
+    """Evaluate every this many steps and at the end; 0 disables evaluation."""
+    eval_batches: int = 8
+    """Micro-batches of the validation split per rank in one evaluation."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cuda or cpu."""
+    sample_tokens: int = 0
+    """At the end of training, rank 0 generates and logs this many tokens; 0 disables it."""
+    sample_prompt: str = "def "
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 100
+    """Checkpoint every this many steps; 0 disables step-based checkpoints."""
+    every_seconds: float = 0
+    """Also checkpoint when this many seconds passed since the last one; 0 disables it."""
+    keep_previous: bool = True
+    """Keep the previous checkpoint as prev*.pt: the fallback if latest is unusable."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "model": ModelConfig,
+                             "trainer": TrainerConfig, "checkpoint": CheckpointConfig}
+_HINTS = {name: typing.get_type_hints(cls) for name, cls in SECTIONS.items()}
+
+
+def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert `value` to the annotated type, or raise ConfigError naming the key."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key}: expected {name}, got {value!r}; set it to a valid {name}")
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from nested plain data, rejecting unknown sections and keys."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config: the file must hold a mapping of sections (run, data, model, trainer, checkpoint)")
+    cfg = Config()
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown section{_did_you_mean(section, SECTIONS)}; "
+                              f"valid sections are {', '.join(SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+        target = getattr(cfg, section)
+        hints = _HINTS[section]
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"{section}.{key}: unknown key{_did_you_mean(key, hints)}; "
+                                  f"valid keys are {', '.join(hints)}")
+            setattr(target, key, _coerce(f"{section}.{key}", value, hints[key]))
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` → (section, key, value parsed as YAML)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"{text}: overrides look like section.key=value, e.g. trainer.max_steps=100")
+    dotted, value = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        parsed = value
+    return section, key, parsed
+
+
+def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML file (or start from defaults) and apply dotted overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found; pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax there") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the file must hold a mapping of sections (run, data, model, ...)")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        section_values = raw.setdefault(section, {})
+        if not isinstance(section_values, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys in the config file")
+        section_values[key] = value
+    return from_dict(raw)
+
+
+def _require(ok: bool, key: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {fix}")
+
+
+def validate(cfg: Config) -> None:
+    """Check values that are wrong whatever the world size."""
+    m, t, d, c = cfg.model, cfg.trainer, cfg.data, cfg.checkpoint
+    _require(m.vocab_size >= 2, "model.vocab_size", "must be at least 2")
+    _require(m.seq_len >= 2, "model.seq_len", "must be at least 2")
+    _require(m.n_layer >= 1, "model.n_layer", "must be at least 1")
+    _require(m.n_head >= 1, "model.n_head", "must be at least 1")
+    _require(m.d_model % m.n_head == 0, "model.d_model",
+             f"{m.d_model} is not divisible by model.n_head={m.n_head}; pick a multiple")
+    _require((m.d_model // m.n_head) % 2 == 0, "model.d_model",
+             "d_model / n_head must be even for rotary embeddings")
+    _require(m.mlp_hidden is None or m.mlp_hidden >= 1, "model.mlp_hidden", "must be positive or unset")
+    _require(m.rope_theta > 0, "model.rope_theta", "must be positive")
+    _require(t.max_steps >= 1, "trainer.max_steps", "must be at least 1")
+    _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", "must be at least 1")
+    _require(t.global_batch_size >= 1, "trainer.global_batch_size", "must be at least 1")
+    _require(t.global_batch_size % t.micro_batch_size == 0, "trainer.global_batch_size",
+             f"{t.global_batch_size} is not divisible by trainer.micro_batch_size={t.micro_batch_size}; "
+             "make it a multiple")
+    _require(t.lr > 0, "trainer.lr", "must be positive")
+    _require(0 <= t.min_lr <= t.lr, "trainer.min_lr", "must be between 0 and trainer.lr")
+    _require(t.warmup_steps >= 0, "trainer.warmup_steps", "must be 0 or more")
+    _require(t.weight_decay >= 0, "trainer.weight_decay", "must be 0 or more")
+    _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "trainer.beta1/beta2", "must be in [0, 1)")
+    _require(t.grad_clip >= 0, "trainer.grad_clip", "must be 0 (off) or positive")
+    _require(t.log_every >= 1, "trainer.log_every", "must be at least 1")
+    _require(t.eval_every >= 0, "trainer.eval_every", "must be 0 (off) or positive")
+    _require(t.eval_batches >= 1, "trainer.eval_batches", "must be at least 1")
+    _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
+    _require(t.sample_tokens >= 0, "trainer.sample_tokens", "must be 0 (off) or positive")
+    _require(d.num_workers >= 0, "data.num_workers", "must be 0 or more")
+    _require(d.num_canonical_nodes >= 1, "data.num_canonical_nodes", "must be at least 1")
+    _require(d.shuffle_algo in ("py1e", "py1br", "py1b", "py1s", "py2s", "naive"), "data.shuffle_algo",
+             "must be one of py1e, py1br, py1b, py1s, py2s, naive")
+    _require(0 < d.val_fraction < 1, "data.val_fraction", "must be between 0 and 1")
+    _require(d.remote is None or d.local is not None, "data.local",
+             "must be set when data.remote is set (it is the local cache of the remote)")
+    _require(c.every_steps >= 0, "checkpoint.every_steps", "must be 0 (off) or positive")
+    _require(c.every_seconds >= 0, "checkpoint.every_seconds", "must be 0 (off) or positive")
+
+
+def check_world(cfg: Config, world_size: int) -> int:
+    """Return gradient-accumulation steps, or raise if the global batch cannot be split evenly."""
+    t = cfg.trainer
+    per_step = t.micro_batch_size * world_size
+    _require(t.global_batch_size % per_step == 0, "trainer.global_batch_size",
+             f"{t.global_batch_size} is not divisible by micro_batch_size × world size = "
+             f"{t.micro_batch_size} × {world_size}; change trainer.global_batch_size or trainer.micro_batch_size")
+    return t.global_batch_size // per_step

@@ -1,0 +1,93 @@
+"""The torchrun environment, the process group, and the few small collectives prefix needs.
+
+With one process (no torchrun, or --nproc-per-node 1) no process group is created and every
+collective is a no-op, so the same code runs on a laptop.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init(device_preference: str = "auto", timeout_s: float = 600) -> World:
+    """Read torchrun's environment and join the process group (nccl on GPU, gloo on CPU)."""
+    env = os.environ
+    rank, world_size = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", world_size))
+    device = pick_device(device_preference, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if device.type == "cpu":  # share the cores among the ranks of this machine
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return World(rank, local_rank, world_size, local_world, device)
+
+
+def any_true(world: World, *flags: bool) -> tuple[bool, ...]:
+    """One small all-reduce: each flag is true on every rank if it is true on any rank."""
+    if not world.distributed:
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([float(f) for f in flags], device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
+
+
+def all_sum(world: World, values: list[float]) -> list[float]:
+    if not world.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def broadcast(world: World, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=world.device)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        if world.device.type == "cuda":
+            dist.barrier(device_ids=[world.local_rank])
+        else:
+            dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,186 @@
+"""A small GPT in plain PyTorch: pre-norm blocks of RMSNorm, rotary causal attention and SwiGLU.
+
+Written to be read top to bottom (in the spirit of nanoGPT). Parameter names are part of the
+checkpoint format, so keep them stable: `tok_emb.weight`, `blocks.{i}.attn.qkv.weight`,
+`blocks.{i}.attn.proj.weight`, `blocks.{i}.mlp.{gate,up,down}.weight`, `blocks.{i}.{attn,mlp}_norm.weight`,
+`norm.weight` (and `head.weight`, the same tensor as `tok_emb.weight`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prefix.config import ModelConfig
+
+
+def mlp_width(cfg: ModelConfig) -> int:
+    """SwiGLU hidden width: 8/3·d_model rounded up to a multiple of 64 keeps MLP FLOPs ≈ a 4× GELU MLP."""
+    if cfg.mlp_hidden is not None:
+        return cfg.mlp_hidden
+    return 64 * -(-8 * cfg.d_model // 192)  # exact integer ceil(8·d/3 / 64) · 64
+
+
+def rope_cache(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [seq_len, head_dim] in float32, halves duplicated (the "rotate half" layout)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, hd] by position: pairs are (i, i + hd/2), as in Llama / Hugging Face."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention; RoPE on q and k, the fused SDPA kernel for the rest."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.proj.residual_out = True  # scaled init: see GPT._init_weights
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): the gated MLP of PaLM / Llama."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hidden = mlp_width(cfg)
+        self.gate = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.up = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+        self.down.residual_out = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only language model. Seed torch before constructing it: init draws from the global RNG."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # tied: one Parameter, saved under both names
+        # Derived from the config, so recomputed rather than stored in checkpoints.
+        cos, sin = rope_cache(cfg.d_model // cfg.n_head, cfg.seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)  # fixed module order → same seed, same weights
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """N(0, init_std); residual output projections shrunk by 1/sqrt(2·n_layer) (GPT-2) so the
+        residual stream's variance does not grow with depth. RMSNorm keeps its default ones."""
+        std = self.cfg.init_std
+        if module is self.head:
+            return  # its weight is the embedding, initialised once there
+        if isinstance(module, nn.Linear):
+            if getattr(module, "residual_out", False):
+                std /= math.sqrt(2 * self.cfg.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx, targets: [B, T] token ids with T ≤ seq_len. Returns float32 logits [B, T, V] and the
+        mean cross-entropy over all positions (None without targets)."""
+        T = idx.shape[1]
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.seq_len={self.cfg.seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.tok_emb(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.head(self.norm(x)).float()
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to idx [B, T]; temperature 0 is greedy. Each step
+        reruns the last seq_len tokens (no KV cache: simple, and fast enough for samples in logs)."""
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                logits, _ = self(idx[:, -self.cfg.seq_len:])
+                logits = logits[:, -1, :]
+                if temperature == 0:
+                    next_id = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None:
+                        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    probs = F.softmax(logits, dim=-1)
+                    next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+                idx = torch.cat((idx, next_id), dim=1)
+        finally:
+            self.train(was_training)
+        return idx
+
+    def num_params(self) -> int:
+        """Unique parameters (the tied embedding/head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6·N for matmuls forward+backward, plus attention (PaLM appendix B)."""
+        c = self.cfg
+        return 6 * self.num_params() + 12 * c.n_layer * c.d_model * c.seq_len
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices and embeddings (dim ≥ 2), not norm gains (dim < 2).
+    parameters() deduplicates, so the tied weight appears once."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]

@@ -1,0 +1,81 @@
+"""The run directory contract: `<runs_root>/<run_name>/` with checkpoints, logs, meta, metrics.
+
+The run name is the run's identity: starting the same name again resumes it. `meta/` records the
+resolved config and one line per start, so a run's restart history is on disk next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prefix.errors import UserError
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def runs_root(cli_value: str | None) -> Path:
+    """--runs-root, else $PREFIX_RUNS_ROOT, else ./runs."""
+    return Path(cli_value or os.environ.get("PREFIX_RUNS_ROOT") or "runs").expanduser()
+
+
+def check_run_name(name: str) -> str:
+    if not RUN_NAME.match(name) or ".." in name:
+        raise UserError(f"--run-name: {name!r} is not a valid run name; use up to 63 letters, digits, "
+                        "'-', '_' or '.', starting with a letter or digit")
+    return name
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def meta(self) -> Path:
+        return self.path / "meta"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics"
+
+    def create(self) -> None:
+        try:
+            for folder in (self.checkpoints, self.logs, self.meta, self.metrics):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot create the run directory ({e.strerror}); "
+                            "choose a writable --runs-root or PREFIX_RUNS_ROOT") from None
+
+    def starts(self) -> list[dict[str, Any]]:
+        path = self.meta / "starts.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def record_start(self, config: dict[str, Any], start_step: int, world_size: int) -> int:
+        """Append this start to meta/starts.jsonl and write the resolved config; returns restarts."""
+        restarts = len(self.starts())
+        entry = {"time": time.time(), "start_step": start_step, "world_size": world_size,
+                 "restart": restarts, "host": socket.gethostname()}
+        with open(self.meta / "starts.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        tmp = self.meta / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+        os.replace(tmp, self.meta / "config.yaml")
+        return restarts

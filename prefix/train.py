@@ -1,0 +1,116 @@
+"""Entry point: `python -m prefix.train --config FILE [--run-name NAME] [section.key=value ...]`.
+
+Wires the components together and nothing more. Exit codes: 0 finished (or already finished),
+143 stopped by a signal after the final checkpoint, 2 a problem the user can fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prefix import config, distributed
+from prefix.checkpoint import Checkpointer, set_rng_state
+from prefix.errors import UserError
+from prefix.preemption import EXIT_PREEMPTED, Preempted, Preemption
+from prefix.runs import RunDir, check_run_name, runs_root
+from prefix.telemetry import setup_logging
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="prefix.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="YAML config file (sections run, data, model, trainer, checkpoint)")
+    p.add_argument("--run-name", help="run identity; starting the same name again resumes it "
+                                      "(default: the config file's name)")
+    p.add_argument("--runs-root", help="folder of run directories (default: $PREFIX_RUNS_ROOT, else ./runs)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return p.parse_args(argv)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run(args: argparse.Namespace, preemption: Preemption) -> int:
+    cfg = config.load(args.config, args.overrides)
+    name = check_run_name(args.run_name or (Path(args.config).stem if args.config else "default"))
+    run_dir = RunDir(runs_root(args.runs_root) / name)
+    world = distributed.init(cfg.trainer.device)
+    accum = config.check_world(cfg, world.world_size)
+    if world.is_main:
+        run_dir.create()
+    distributed.barrier(world)
+    log = setup_logging(world.rank, run_dir.logs)
+
+    checkpointer = Checkpointer(run_dir.checkpoints, world, cfg.checkpoint)
+    choice, notes = checkpointer.find()
+    for note in notes:
+        log.warning("checkpoint skipped", note=note)
+    state, rank_state = checkpointer.load(choice) if choice else (None, None)
+    start_step = int(state["step"]) if state else 0
+    if start_step >= cfg.trainer.max_steps:  # decided before any data pipeline exists
+        log.info("run already finished; nothing to do", step=start_step, max_steps=cfg.trainer.max_steps)
+        return 0
+    checkpointer.clean_temporary()
+    if world.is_main:
+        restarts = run_dir.record_start(cfg.to_dict(), start_step, world.world_size)
+        log.info("starting", run=str(run_dir.path), world_size=world.world_size, accum=accum,
+                 restarts=restarts, device=str(world.device))
+
+    # Imported here: streaming and the model are not needed to decide "already finished".
+    from prefix.data.loader import TrainStream, ValStream, check_vocab, resolve_data_root
+    from prefix.model import GPT
+    from prefix.trainer import Trainer
+
+    root = resolve_data_root(cfg)
+    check_vocab(root, cfg.model.vocab_size)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = GPT(cfg.model).to(world.device)
+    seed_everything(cfg.run.seed + world.rank)  # then one RNG stream per rank
+    train = TrainStream(cfg, root, accum, world.world_size)
+    val = ValStream(cfg, root) if cfg.trainer.eval_every else None
+    trainer = Trainer(cfg, world, model, train, val, checkpointer, preemption, run_dir, log)
+    try:
+        if state is not None:
+            trainer.load_state_dict(state)
+            if rank_state is not None:
+                set_rng_state(rank_state["rng"])
+            else:
+                log.warning("no RNG state saved for this rank (world size grew); seeded fresh", rank=world.rank)
+            log.info(f"resumed from step {start_step}", step=start_step, tokens_seen=trainer.tokens_seen)
+        if world.is_main:
+            log.info("model", params=model.num_params(), steps_per_epoch=train.steps_per_epoch)
+        return trainer.fit()
+    finally:
+        trainer.close()
+        train.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    setup_logging(rank)
+    preemption = Preemption()  # from here on a signal before training unwinds cleanly
+    try:
+        return run(args, preemption)
+    except UserError as e:
+        if rank == 0 or not isinstance(e, config.ConfigError):
+            print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Preempted as e:
+        print(f"stopped by {e} before training started; nothing was changed", file=sys.stderr)
+        return EXIT_PREEMPTED
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The step loop: micro-batches → optimizer step → log / evaluate / checkpoint → agree to stop?
+
+The trainer owns the model, optimizer and schedule; it calls the checkpointer, the preemption
+flag and the metrics writer without knowing how they work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from functools import partial
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from prefix import distributed
+from prefix.checkpoint import Checkpointer, rng_state
+from prefix.config import Config, TrainerConfig
+from prefix.data.corpus import decode, encode
+from prefix.data.loader import TrainStream, ValStream
+from prefix.distributed import World
+from prefix.model import GPT, param_groups
+from prefix.preemption import EXIT_PREEMPTED, Preemption
+from prefix.runs import RunDir
+from prefix.telemetry import Metrics
+
+
+def lr_factor(step: int, t: TrainerConfig) -> float:
+    """Linear warm-up to 1, then cosine decay to min_lr / lr at max_steps."""
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    floor = t.min_lr / t.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world: World, model: GPT, train: TrainStream, val: ValStream | None,
+                 checkpointer: Checkpointer, preemption: Preemption, run_dir: RunDir, log: Any):
+        t = cfg.trainer
+        self.cfg, self.world, self.raw = cfg, world, model
+        self.model = DDP(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None) \
+            if world.distributed else model
+        self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
+                                           betas=(t.beta1, t.beta2))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, t=t))
+        self.train, self.val = train, val
+        self.checkpointer, self.preemption = checkpointer, preemption
+        self.metrics = Metrics(run_dir.metrics, enabled=world.is_main)
+        self.samples = open(run_dir.metrics / f"samples_rank{world.rank}.jsonl", "a") \
+            if cfg.data.record_samples else None
+        self.log = log
+        self.accum = train.accum
+        self.step = 0
+        self.tokens_seen = 0
+        self._last_log = (time.perf_counter(), 0)
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
+            "dataloader": self.train.state_dict(), "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.raw.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        if state.get("dataloader") is not None:
+            self.train.load_state_dict(state["dataloader"])
+
+    def save(self) -> None:
+        seconds = self.checkpointer.save(self.step, self.state_dict, {"rng": rng_state()})
+        self.log.info("checkpoint saved", step=self.step, seconds=round(seconds, 3))
+
+    # -- loop -----------------------------------------------------------------------------
+    def fit(self) -> int:
+        """Train to max_steps (exit 0) or until the ranks agree to stop (exit 143)."""
+        t = self.cfg.trainer
+        with self.preemption.deferred():
+            while True:
+                stop, time_due = distributed.any_true(self.world, self.preemption.requested,
+                                                      self.checkpointer.seconds_due())
+                finished = self.step >= t.max_steps
+                unsaved = self.step > 0 and self.step != self.checkpointer.committed_step
+                if unsaved and (stop or finished or time_due or self.checkpointer.steps_due(self.step)):
+                    self.save()
+                if stop:
+                    self.log.warning("stopped by signal after final checkpoint", step=self.step)
+                    return EXIT_PREEMPTED
+                if finished:
+                    break
+                loss = self.train_step()
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    self.log_step(loss)
+                if t.eval_every and self.val and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                    self.evaluate()
+        self.log.info("training finished", step=self.step, tokens_seen=self.tokens_seen)
+        if t.sample_tokens and self.world.is_main:
+            self.log.info("sample", text=self.generate(t.sample_prompt, t.sample_tokens))
+        return 0
+
+    def train_step(self) -> torch.Tensor:
+        device, loss_sum, indices = self.world.device, torch.zeros((), device=self.world.device), []
+        for micro in range(self.accum):
+            batch = self.train.next()
+            last = micro == self.accum - 1
+            with nullcontext() if last or not self.world.distributed else self.model.no_sync():
+                _, loss = self.model(batch.inputs.to(device, non_blocking=True),
+                                     batch.targets.to(device, non_blocking=True))
+                (loss / self.accum).backward()
+            loss_sum += loss.detach()
+            if self.samples:
+                indices += batch.index.tolist()
+        clip = self.cfg.trainer.grad_clip or float("inf")
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.cfg.trainer.global_batch_size * self.cfg.model.seq_len
+        if self.samples:
+            self.samples.write(json.dumps({"step": self.step, "epoch": self.train.epoch, "indices": indices}) + "\n")
+            self.samples.flush()
+        return loss_sum / self.accum
+
+    def log_step(self, loss: torch.Tensor) -> None:
+        (loss_total,) = distributed.all_sum(self.world, [loss.item()])
+        now, tokens = time.perf_counter(), self.tokens_seen
+        last_time, last_tokens = self._last_log
+        self._last_log = (now, tokens)
+        values = {"loss": loss_total / self.world.world_size, "lr": self.scheduler.get_last_lr()[0],
+                  "grad_norm": float(self.grad_norm), "tokens_seen": tokens,
+                  "tokens_per_sec": (tokens - last_tokens) / max(now - last_time, 1e-9)}
+        self.metrics.write("train", self.step, **values)
+        self.log.info("step", step=self.step, loss=round(values["loss"], 4), lr=f"{values['lr']:.2e}",
+                      tok_s=round(values["tokens_per_sec"]))
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        """Validation loss over this rank's eval batches, averaged over all ranks; bits per byte."""
+        self.raw.eval()
+        total, count = 0.0, 0
+        for batch in self.val:
+            _, loss = self.raw(batch.inputs.to(self.world.device), batch.targets.to(self.world.device))
+            total += loss.item() * batch.targets.numel()
+            count += batch.targets.numel()
+        self.raw.train()
+        total, count = distributed.all_sum(self.world, [total, count])
+        val_loss = total / max(count, 1)
+        bpb = val_loss / math.log(2)  # byte-level tokens: one token per byte (EOD counted as one)
+        self.metrics.write("eval", self.step, val_loss=val_loss, val_bpb=bpb)
+        self.log.info("eval", step=self.step, val_loss=round(val_loss, 4), val_bpb=round(bpb, 4))
+
+    def generate(self, prompt: str, tokens: int) -> str:
+        ids = torch.tensor(encode(prompt)[:-1], dtype=torch.long, device=self.world.device)[None]
+        gen = torch.Generator(device=self.world.device).manual_seed(self.cfg.run.seed)
+        out = self.raw.generate(ids, tokens, temperature=0.8, top_k=40, generator=gen)
+        return decode(out[0].tolist())
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.samples:
+            self.samples.close()
