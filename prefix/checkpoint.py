@@ -7,7 +7,7 @@ Files in `<run>/checkpoints/`:
 
 Saving is collective. Every rank writes its files under a temporary name and fsyncs them; after
 a barrier each rank commits: it moves the file of the last committed step to `prev*` (or drops
-an orphan newer file, see `_commit`) and renames the temporary file to `latest*`, then fsyncs
+an orphan newer file, see `_publish`) and renames the temporary file to `latest*`, then fsyncs
 the folder. So at every instant each rank holds the last committed step in `latest*` or `prev*`;
 resume picks the newest step for which the global file and every rank file exist and load.
 All files load with `torch.load(weights_only=True)`: RNG states are stored as tensors.
@@ -87,9 +87,7 @@ def _load(path: Path) -> dict[str, Any] | None:
     """The checkpoint at `path`, or None if it is missing or unreadable (partly written, damaged)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        return None
-    except Exception:
+    except Exception:  # missing, truncated, damaged: all mean "not usable"
         return None
 
 
@@ -177,30 +175,37 @@ class Checkpointer:
     def save(self, step: int, global_state: Callable[[], dict[str, Any]], rank_state: dict[str, Any]) -> float:
         """Collective: write, barrier, commit, barrier. Returns the seconds it took."""
         start = time.monotonic()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        r = self.world.rank
-        tmp_rank = self.folder / (rank_name("latest", r) + ".tmp")
-        write_durably({**rank_state, "step": step, "rank": r, "format_version": FORMAT_VERSION}, tmp_rank)
-        if self.world.is_main:
-            tmp_global = self.folder / (global_name("latest") + ".tmp")
-            write_durably({**global_state(), "step": step, "world_size": self.world.world_size,
-                           "format_version": FORMAT_VERSION}, tmp_global)
+        self.write(step, global_state, rank_state)
         distributed.barrier(self.world)  # every file of this step is durable somewhere
-        self._slot_rank = self._commit(tmp_rank, rank_name("latest", r), rank_name("prev", r),
-                                       self._slot_rank)
-        if self.world.is_main:
-            self._slot_global = self._commit(tmp_global, global_name("latest"), global_name("prev"),
-                                             self._slot_global)
-        _fsync_dir(self.folder)
+        self.commit()
         distributed.barrier(self.world)  # the step is committed on every rank
         self.committed_step = step
         self._last_save_time = time.monotonic()
         self.last_duration_s = self._last_save_time - start
         return self.last_duration_s
 
-    def _commit(self, tmp: Path, latest: str, prev: str, committed_slot: str | None) -> str:
-        """Publish `tmp` as `latest`, keeping the last committed file as `prev`."""
+    def write(self, step: int, global_state: Callable[[], dict[str, Any]], rank_state: dict[str, Any]) -> None:
+        """Phase 1: this rank's files under temporary names, fsynced."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        r = self.world.rank
+        write_durably({**rank_state, "step": step, "rank": r, "format_version": FORMAT_VERSION},
+                      self.folder / (rank_name("latest", r) + ".tmp"))
+        if self.world.is_main:
+            write_durably({**global_state(), "step": step, "world_size": self.world.world_size,
+                           "format_version": FORMAT_VERSION}, self.folder / (global_name("latest") + ".tmp"))
+
+    def commit(self) -> None:
+        """Phase 2, once every rank has written: publish this rank's files."""
+        r = self.world.rank
+        self._slot_rank = self._publish(rank_name("latest", r), rank_name("prev", r), self._slot_rank)
+        if self.world.is_main:
+            self._slot_global = self._publish(global_name("latest"), global_name("prev"), self._slot_global)
+        _fsync_dir(self.folder)
+
+    def _publish(self, latest: str, prev: str, committed_slot: str | None) -> str:
+        """Rename `latest.tmp` to `latest`, keeping the last committed file as `prev`."""
         latest_path, prev_path = self.folder / latest, self.folder / prev
+        tmp = self.folder / (latest + ".tmp")
         if committed_slot == "latest":
             if self.cfg.keep_previous:
                 os.replace(latest_path, prev_path)

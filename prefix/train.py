@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, preemption: Preemption) -> int:
     from prefix.model import GPT
     from prefix.trainer import Trainer
 
-    root = resolve_data_root(cfg)
+    root = resolve_data_root(cfg, log)
     check_vocab(root, cfg.model.vocab_size)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = GPT(cfg.model).to(world.device)

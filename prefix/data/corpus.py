@@ -111,23 +111,23 @@ def content_hash(docs: list[tuple[str, bytes]], *params: object) -> str:
     return h.hexdigest()[:16]
 
 
-def ensure_default_corpus(cache_dir: Path, seq_len: int, val_fraction: float) -> Path:
-    """Return the folder of the default corpus for these settings, building it once if needed."""
+def ensure_default_corpus(cache_dir: Path, seq_len: int, val_fraction: float) -> tuple[Path, bool]:
+    """The folder of the default corpus for these settings, and whether this call built it."""
     docs = stdlib_documents()
     final = cache_dir / f"stdlib-{content_hash(docs, seq_len, val_fraction)}"
     if (final / MANIFEST).is_file():
-        return final
+        return final, False
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
         if (final / MANIFEST).is_file():  # another rank built it while we waited
-            return final
+            return final, False
         tmp = cache_dir / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         write_corpus(docs, tmp, seq_len, val_fraction, source="python standard library")
         if final.exists():  # a half-built leftover without a manifest
             shutil.rmtree(final)
         os.replace(tmp, final)
-    return final
+    return final, True
 
 
 def default_cache_dir(configured: str | None) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,15 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def resolve_data_root(cfg: Config) -> Path:
+def resolve_data_root(cfg: Config, log: Any) -> Path:
     """Folder (local cache) holding the split folders; builds the default corpus if none is set."""
     d = cfg.data
     if d.local is None:
-        return ensure_default_corpus(default_cache_dir(d.cache_dir), cfg.model.seq_len, d.val_fraction)
+        start = time.monotonic()
+        root, built = ensure_default_corpus(default_cache_dir(d.cache_dir), cfg.model.seq_len, d.val_fraction)
+        if built:
+            log.info("built the default corpus", path=str(root), seconds=round(time.monotonic() - start, 1))
+        return root
     root = Path(d.local).expanduser()
     if d.remote is None and not (root / d.train_split / "index.json").is_file():
         raise UserError(f"data.local: no MDS dataset at {root / d.train_split} (index.json missing); "

@@ -1,0 +1,27 @@
+# Fresh machine: `make demo` and `make test`. Both install into .venv/ first (a no-op when up to date).
+PY := .venv/bin/python
+STAMP := .venv/.installed
+export PREFIX_CACHE_DIR ?= $(CURDIR)/.cache/prefix
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# Two ranks on CPU for a few minutes, then a sample of generated Python from the trained model.
+demo: install
+	.venv/bin/torchrun --nproc-per-node 2 -m prefix.train --config configs/demo.yaml --run-name demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	.venv/bin/ruff check .
+
+clean:
+	rm -rf .venv .cache runs
