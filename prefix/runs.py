@@ -66,7 +66,8 @@ class RunDir:
         path = self.meta / "starts.jsonl"
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        # a start killed mid-append can leave a torn last line: skip it
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
 
     def record_start(self, config: dict[str, Any], start_step: int, world_size: int) -> int:
         """Append this start to meta/starts.jsonl and write the resolved config; returns restarts."""

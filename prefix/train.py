@@ -18,7 +18,7 @@ import torch
 from prefix import config, distributed
 from prefix.checkpoint import Checkpointer, set_rng_state
 from prefix.errors import UserError
-from prefix.preemption import EXIT_PREEMPTED, Preempted, Preemption
+from prefix.preemption import Preemption, default_actions
 from prefix.runs import RunDir, check_run_name, runs_root
 from prefix.telemetry import setup_logging
 
@@ -39,7 +39,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(args: argparse.Namespace, preemption: Preemption) -> int:
+def run(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
     name = check_run_name(args.run_name or (Path(args.config).stem if args.config else "default"))
     run_dir = RunDir(runs_root(args.runs_root) / name)
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace, preemption: Preemption) -> int:
     seed_everything(cfg.run.seed + world.rank)  # then one RNG stream per rank
     train = TrainStream(cfg, root, accum, world.world_size)
     val = ValStream(cfg, root) if cfg.trainer.eval_every else None
-    trainer = Trainer(cfg, world, model, train, val, checkpointer, preemption, run_dir, log)
+    trainer = Trainer(cfg, world, model, train, val, checkpointer, Preemption(), run_dir, log)
     try:
         if state is not None:
             trainer.load_state_dict(state)
@@ -98,16 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     setup_logging(rank)
-    preemption = Preemption()  # from here on a signal before training unwinds cleanly
+    default_actions()
     try:
-        return run(args, preemption)
+        return run(args)
     except UserError as e:
         if rank == 0 or not isinstance(e, config.ConfigError):
             print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except Preempted as e:
-        print(f"stopped by {e} before training started; nothing was changed", file=sys.stderr)
-        return EXIT_PREEMPTED
     finally:
         distributed.shutdown()
 

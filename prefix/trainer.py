@@ -82,7 +82,7 @@ class Trainer:
     def fit(self) -> int:
         """Train to max_steps (exit 0) or until the ranks agree to stop (exit 143)."""
         t = self.cfg.trainer
-        with self.preemption.deferred():
+        with self.preemption.armed():
             while True:
                 stop, time_due = distributed.any_true(self.world, self.preemption.requested,
                                                       self.checkpointer.seconds_due())

@@ -40,7 +40,7 @@ class Launch:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill_all()
-            raise AssertionError(f"launch did not finish in {timeout}s; log:\n{self.log.read_text()[-3000:]}")
+            raise AssertionError(f"launch did not finish in {timeout}s; log:\n{self.log.read_text()[-3000:]}") from None
 
     def wait_for_step(self, run_dir: Path, step: int, timeout: float = 180) -> int:
         deadline = time.monotonic() + timeout

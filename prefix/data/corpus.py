@@ -121,8 +121,9 @@ def ensure_default_corpus(cache_dir: Path, seq_len: int, val_fraction: float) ->
     with FileLock(str(final) + ".lock"):
         if (final / MANIFEST).is_file():  # another rank built it while we waited
             return final, False
+        for stale in cache_dir.glob(f".{final.name}.tmp-*"):  # builds killed before their rename
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = cache_dir / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         write_corpus(docs, tmp, seq_len, val_fraction, source="python standard library")
         if final.exists():  # a half-built leftover without a manifest
             shutil.rmtree(final)

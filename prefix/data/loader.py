@@ -182,7 +182,7 @@ class ValStream:
     def __iter__(self):
         it = iter(self.loader)
         try:
-            for _, sample in zip(range(self.batches), it):
+            for _, sample in zip(range(self.batches), it, strict=False):
                 tokens = sample["tokens"][:, : self.seq_len + 1]
                 yield Batch(tokens[:, :-1], tokens[:, 1:], sample["index"])
         finally:

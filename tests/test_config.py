@@ -1,0 +1,85 @@
+"""Config loading, overrides and validation; a bad config exits 2 with one line and no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import REPO, TINY, run, train_cmd
+
+from prefix import config
+from prefix.config import ConfigError
+
+
+def test_shipped_configs_load_with_required_keys():
+    for path in (REPO / "configs").glob("*.yaml"):
+        cfg = config.load(path)
+        for dotted in ("run.seed", "model.vocab_size", "model.seq_len", "data.local", "data.remote",
+                       "trainer.max_steps", "trainer.global_batch_size", "trainer.micro_batch_size",
+                       "trainer.log_every", "trainer.eval_every", "checkpoint.every_steps",
+                       "checkpoint.every_seconds"):
+            section, key = dotted.split(".")
+            assert hasattr(getattr(cfg, section), key), f"{path.name}: {dotted}"
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = config.load(TINY, ["trainer.max_steps=7", "trainer.lr=1e-3", "data.local=/x", "data.remote=null"])
+    assert cfg.trainer.max_steps == 7 and cfg.trainer.lr == 1e-3
+    assert cfg.data.local == "/x" and cfg.data.remote is None
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["trainer.max_stepz=3"], "trainer.max_stepz: unknown key (did you mean 'max_steps'?)"),
+    (["trainr.max_steps=3"], "trainr: unknown section (did you mean 'trainer'?)"),
+    (["trainer.max_steps=many"], "trainer.max_steps: expected int"),
+    (["trainer.max_steps=0"], "trainer.max_steps: must be at least 1"),
+    (["trainer.lr=-1"], "trainer.lr: must be positive"),
+    (["trainer.global_batch_size=10", "trainer.micro_batch_size=4"], "not divisible by trainer.micro_batch_size"),
+    (["model.d_model=100", "model.n_head=3"], "model.d_model"),
+    (["data.remote=s3://bucket/x"], "data.local: must be set when data.remote is set"),
+    (["max_steps=3"], "overrides look like section.key=value"),
+])
+def test_bad_values_name_the_key_and_the_fix(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        config.load(TINY, overrides)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_global_batch_must_split_over_the_world():
+    cfg = config.load(TINY, ["trainer.global_batch_size=6", "trainer.micro_batch_size=2"])
+    assert config.check_world(cfg, 1) == 3
+    with pytest.raises(ConfigError, match="micro_batch_size × world size = 2 × 2"):
+        config.check_world(cfg, 2)
+
+
+def assert_clean_exit_2(result, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["trainer.bogus=1"], "trainer.bogus: unknown key"),
+    (["trainer.global_batch_size=6", "trainer.micro_batch_size=4"], "trainer.global_batch_size"),
+    (["data.local=/nonexistent/data"], "data.local: no MDS dataset"),
+    (["model.vocab_size=200"], "model.vocab_size: 200 cannot hold"),
+])
+def test_bad_config_exits_2_without_traceback(tmp_path, args, fragment):
+    assert_clean_exit_2(run(train_cmd(0, "bad", tmp_path, *args)), fragment)
+
+
+def test_bad_yaml_and_bad_run_name_exit_2(tmp_path: Path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer:\n  max_steps: [1,\n")
+    assert_clean_exit_2(run(train_cmd(0, "bad", tmp_path, config=broken)), "not valid YAML")
+    assert_clean_exit_2(run(train_cmd(0, "../escape", tmp_path)), "not a valid run name")
+    assert not (tmp_path / "bad").exists(), "nothing is created for a rejected start"
+
+
+def test_world_dependent_error_under_torchrun_names_the_fix(tmp_path):
+    """torchrun itself exits 1 when a worker fails; the worker's own exit code is 2."""
+    result = run(train_cmd(2, "bad", tmp_path, "trainer.global_batch_size=6", "trainer.micro_batch_size=2"))
+    assert result.returncode != 0
+    assert "error: trainer.global_batch_size: 6 is not divisible by micro_batch_size × world size" in result.stderr
+    assert "exitcode  : 2" in result.stderr or "exitcode: 2" in result.stderr.replace(" ", "")
