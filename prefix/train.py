@@ -24,7 +24,8 @@ from prefix.telemetry import setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="prefix.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="prefix.train", description="Train a GPT; a run whose directory "
+                                "holds a checkpoint resumes from it.")
     p.add_argument("--config", help="YAML config file (sections run, data, model, trainer, checkpoint)")
     p.add_argument("--run-name", help="run identity; starting the same name again resumes it "
                                       "(default: the config file's name)")

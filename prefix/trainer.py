@@ -102,7 +102,9 @@ class Trainer:
                     self.evaluate()
         self.log.info("training finished", step=self.step, tokens_seen=self.tokens_seen)
         if t.sample_tokens and self.world.is_main:
-            self.log.info("sample", text=self.generate(t.sample_prompt, t.sample_tokens))
+            text = self.generate(t.sample_prompt, t.sample_tokens)
+            self.log.debug("sample", text=text)  # JSON log only; people get it verbatim below
+            print(f"--- sample from the trained model ---\n{text}\n---", flush=True)
         return 0
 
     def train_step(self) -> torch.Tensor:

@@ -1,0 +1,22 @@
+"""The `prefix` command. `prefix train ...` is `python -m prefix.train ...` (same flags, same exit codes)."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {"train": "train a model, resuming the run if it exists (see `prefix train --help`)"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = "\n".join(f"  {name:8} {text}" for name, text in COMMANDS.items())
+        print(f"usage: prefix COMMAND [ARGS]\n\ncommands:\n{usage}", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from prefix import train
+
+    return train.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
