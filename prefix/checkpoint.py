@@ -139,7 +139,6 @@ class Checkpointer:
         self._slot_global: str | None = None  # where the committed step's files live
         self._slot_rank: str | None = None
         self._last_save_time = time.monotonic()
-        self.last_duration_s = 0.0
 
     # -- resume -------------------------------------------------------------------------
     def find(self) -> tuple[Resume | None, list[str]]:
@@ -182,8 +181,7 @@ class Checkpointer:
         distributed.barrier(self.world)  # the step is committed on every rank
         self.committed_step = step
         self._last_save_time = time.monotonic()
-        self.last_duration_s = self._last_save_time - start
-        return self.last_duration_s
+        return self._last_save_time - start
 
     def write(self, step: int, global_state: Callable[[], dict[str, Any]], rank_state: dict[str, Any]) -> None:
         """Phase 1: this rank's files under temporary names, fsynced."""

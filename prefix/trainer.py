@@ -56,6 +56,7 @@ class Trainer:
         self.accum = train.accum
         self.step = 0
         self.tokens_seen = 0
+        self.grad_norm = torch.zeros(())
         self._last_log = (time.perf_counter(), 0)
 
     # -- state ----------------------------------------------------------------------------

@@ -99,6 +99,18 @@ class Batch:
     targets: torch.Tensor
     index: torch.Tensor
 
+    @classmethod
+    def of(cls, sample: dict[str, torch.Tensor], seq_len: int) -> Batch:
+        tokens = sample["tokens"][:, : seq_len + 1]
+        return cls(tokens[:, :-1], tokens[:, 1:], sample["index"])
+
+
+def _end_epoch(iterator, dataset: StreamingDataset) -> None:
+    """Close a loader iterator early: torch shuts its workers down, streaming stops its threads."""
+    iterator.close()
+    if getattr(dataset, "_iterator", None) is not None:
+        dataset._iterator.exit()  # streaming's download threads when num_workers=0
+
 
 class TrainStream:
     """Micro-batches for one rank, epoch after epoch, with an exact, resumable position."""
@@ -155,15 +167,12 @@ class TrainStream:
                             f"{self.micro_per_epoch} micro-batches on this rank; a shard is missing "
                             "or failed validation, so check or rebuild the dataset") from None
         self.consumed += 1
-        tokens = sample["tokens"][:, : self.seq_len + 1]
-        return Batch(tokens[:, :-1], tokens[:, 1:], sample["index"])
+        return Batch.of(sample, self.seq_len)
 
     def _close_iterator(self) -> None:
         if self._it is not None:
-            self._it.close()  # drops torch's iterator, which shuts its worker processes down
+            _end_epoch(self._it, self.dataset)
             self._it = None
-        if getattr(self.dataset, "_iterator", None) is not None:
-            self.dataset._iterator.exit()  # stops streaming's download threads (num_workers=0)
 
     def close(self) -> None:
         self._close_iterator()
@@ -183,12 +192,6 @@ class ValStream:
         it = iter(self.loader)
         try:
             for _, sample in zip(range(self.batches), it, strict=False):
-                tokens = sample["tokens"][:, : self.seq_len + 1]
-                yield Batch(tokens[:, :-1], tokens[:, 1:], sample["index"])
+                yield Batch.of(sample, self.seq_len)
         finally:
-            it.close()
-            if getattr(self.dataset, "_iterator", None) is not None:
-                self.dataset._iterator.exit()
-
-    def close(self) -> None:
-        pass
+            _end_epoch(it, self.dataset)
