@@ -67,6 +67,17 @@ def crash_after(monkeypatch, budget: int) -> None:
     monkeypatch.setattr(os, "unlink", guard(real_unlink))
 
 
+def commit_until_crash(monkeypatch, cks: list[Checkpointer], order, budget: int) -> None:
+    """Commit rank by rank in `order`, crashing after `budget` file operations."""
+    with monkeypatch.context() as m:
+        crash_after(m, budget)
+        try:
+            for r in order:
+                cks[r].commit()
+        except Crash:
+            pass
+
+
 COMMIT_OPS = 6  # per save with a previous checkpoint: 2 renames per rank file, 2 for the global file
 
 
@@ -77,25 +88,13 @@ def test_crash_at_every_point_of_a_commit_resumes_consistently(tmp_path, monkeyp
     save(cks, 10)
     save(cks, 20)
     write(cks, 30)
-    with monkeypatch.context() as m:
-        crash_after(m, budget)
-        try:
-            for r in order:
-                cks[r].commit()
-        except Crash:
-            pass
+    commit_until_crash(monkeypatch, cks, order, budget)
     step, resumed = resume(tmp_path)
     assert step == (30 if budget == COMMIT_OPS else 20)
 
     # The restarted run saves again, and crashes again anywhere: still consistent, never older.
     write(resumed, step + 5)
-    with monkeypatch.context() as m:
-        crash_after(m, budget)
-        try:
-            for r in order:
-                resumed[r].commit()
-        except Crash:
-            pass
+    commit_until_crash(monkeypatch, resumed, order, budget)
     assert resume(tmp_path)[0] in (step, step + 5)
 
 
