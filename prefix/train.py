@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = GPT(cfg.model).to(world.device)
     seed_everything(cfg.run.seed + world.rank)  # then one RNG stream per rank
-    train = TrainStream(cfg, root, accum, world.world_size)
+    train = TrainStream(cfg, root, accum)
     val = ValStream(cfg, root) if cfg.trainer.eval_every else None
     trainer = Trainer(cfg, world, model, train, val, checkpointer, Preemption(), run_dir, log)
     try:

@@ -115,7 +115,7 @@ def _end_epoch(iterator, dataset: StreamingDataset) -> None:
 class TrainStream:
     """Micro-batches for one rank, epoch after epoch, with an exact, resumable position."""
 
-    def __init__(self, cfg: Config, root: Path, accum: int, world_size: int):
+    def __init__(self, cfg: Config, root: Path, accum: int):
         self.seq_len = cfg.model.seq_len
         self.dataset = _dataset(cfg, root, cfg.data.train_split, cfg.data.shuffle)
         self.loader = StreamingDataLoader(
