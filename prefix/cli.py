@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = {"train": "train a model, resuming the run if it exists (see `prefix train --help`)"}
+COMMANDS = {"train": "train a model, resuming the run if it exists (see `prefix train --help`)",
+            "chaos": "kill a 2-rank run at random until it completes; compare with an uninterrupted one"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,6 +14,10 @@ def main(argv: list[str] | None = None) -> int:
         usage = "\n".join(f"  {name:8} {text}" for name, text in COMMANDS.items())
         print(f"usage: prefix COMMAND [ARGS]\n\ncommands:\n{usage}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] == "chaos":
+        from prefix import chaos
+
+        return chaos.main(argv[1:])
     from prefix import train
 
     return train.main(argv[1:])

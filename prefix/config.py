@@ -23,6 +23,8 @@ from prefix.errors import UserError
 class ConfigError(UserError):
     """A configuration value is wrong; the message names the key and the fix."""
 
+    same_on_every_rank = True
+
 
 @dataclass
 class RunConfig:
@@ -76,6 +78,8 @@ class TrainerConfig:
     """Sequences per optimizer step, across all ranks; kept when the world size changes."""
     micro_batch_size: int = 4
     """Sequences per forward pass on one rank."""
+    optimizer: str = "adamw"
+    """adamw, or sgd (Nesterov momentum trainer.beta1); weight decay applies to matrices only."""
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 10
@@ -84,6 +88,10 @@ class TrainerConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    on_nonfinite: str = "skip"
+    """A step whose loss or gradient is NaN/inf: skip its update (skip) or stop the run (stop)."""
+    max_consecutive_skips: int = 3
+    """With on_nonfinite=skip, stop when more steps than this in a row were not finite."""
     log_every: int = 10
     eval_every: int = 50
     """Evaluate every this many steps and at the end; 0 disables evaluation."""
@@ -247,6 +255,9 @@ def validate(cfg: Config) -> None:
     _require(t.weight_decay >= 0, "trainer.weight_decay", "must be 0 or more")
     _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "trainer.beta1/beta2", "must be in [0, 1)")
     _require(t.grad_clip >= 0, "trainer.grad_clip", "must be 0 (off) or positive")
+    _require(t.optimizer in ("adamw", "sgd"), "trainer.optimizer", "must be adamw or sgd")
+    _require(t.on_nonfinite in ("skip", "stop"), "trainer.on_nonfinite", "must be skip or stop")
+    _require(t.max_consecutive_skips >= 0, "trainer.max_consecutive_skips", "must be 0 or more")
     _require(t.log_every >= 1, "trainer.log_every", "must be at least 1")
     _require(t.eval_every >= 0, "trainer.eval_every", "must be 0 (off) or positive")
     _require(t.eval_batches >= 1, "trainer.eval_batches", "must be at least 1")

@@ -7,12 +7,17 @@ collective is a no-op, so the same code runs on a laptop.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from prefix.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,30 @@ def broadcast(world: World, obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=world.device)
     return box[0]
+
+
+def on_main(world: World, fn: Callable[[], T]) -> T:
+    """Rank 0 runs `fn`; every rank gets its result, or raises the UserError it raised."""
+    result: Any = None
+    if world.is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            result = e
+    result = broadcast(world, result)
+    if isinstance(result, UserError):
+        result.same_on_every_rank = True
+        raise result
+    return result
+
+
+def gather(world: World, obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on rank 0 (an empty list elsewhere)."""
+    if not world.distributed:
+        return [obj]
+    box: list[Any] | None = [None] * world.world_size if world.is_main else None
+    dist.gather_object(obj, box, dst=0)
+    return box or []
 
 
 def barrier(world: World) -> None:

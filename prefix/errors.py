@@ -9,3 +9,5 @@ class UserError(Exception):
     """A problem the user can fix (configuration, data, paths, checkpoints)."""
 
     exit_code = 2
+    same_on_every_rank = False
+    """True when every rank raises the same error (config, checkpoints): only rank 0 prints it."""

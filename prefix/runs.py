@@ -54,6 +54,16 @@ class RunDir:
     def metrics(self) -> Path:
         return self.path / "metrics"
 
+    def check(self) -> None:
+        """Refuse paths that cannot be a run directory, before anything is written."""
+        for path in (self.path.parent, self.path, self.checkpoints):
+            if path.exists() and not path.is_dir():
+                raise UserError(f"{path}: exists and is not a directory; remove it or choose another "
+                                "--run-name / --runs-root")
+            if path.is_dir() and not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+                raise UserError(f"{path}: not readable and writable by this user; fix its permissions "
+                                "or choose another --runs-root")
+
     def create(self) -> None:
         try:
             for folder in (self.checkpoints, self.logs, self.meta, self.metrics):
@@ -69,11 +79,15 @@ class RunDir:
         # a start killed mid-append can leave a torn last line: skip it
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
 
-    def record_start(self, config: dict[str, Any], start_step: int, world_size: int) -> int:
-        """Append this start to meta/starts.jsonl and write the resolved config; returns restarts."""
+    def record_start(self, config: dict[str, Any], start_step: int, world_size: int,
+                     config_changes: dict[str, list[Any]] | None = None) -> int:
+        """Append this start to meta/starts.jsonl and write the resolved config; returns restarts.
+
+        `config_changes` ({"section.key": [checkpoint's, now]}) records what this start changed.
+        """
         restarts = len(self.starts())
         entry = {"time": time.time(), "start_step": start_step, "world_size": world_size,
-                 "restart": restarts, "host": socket.gethostname()}
+                 "restart": restarts, "host": socket.gethostname(), "config_changes": config_changes or {}}
         with open(self.meta / "starts.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
         tmp = self.meta / "config.yaml.tmp"

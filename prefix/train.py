@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefix import config, distributed
-from prefix.checkpoint import Checkpointer, set_rng_state
+from prefix import config, distributed, drift
+from prefix.checkpoint import Checkpointer, log_findings, set_rng_state
 from prefix.errors import UserError
 from prefix.preemption import Preemption, default_actions
 from prefix.runs import RunDir, check_run_name, runs_root
@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-name", help="run identity; starting the same name again resumes it "
                                       "(default: the config file's name)")
     p.add_argument("--runs-root", help="folder of run directories (default: $PREFIX_RUNS_ROOT, else ./runs)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even if the model shape, data, seed, global batch or optimizer changed")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return p.parse_args(argv)
 
@@ -44,27 +46,19 @@ def run(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
     name = check_run_name(args.run_name or (Path(args.config).stem if args.config else "default"))
     run_dir = RunDir(runs_root(args.runs_root) / name)
+    run_dir.check()
     world = distributed.init(cfg.trainer.device)
     accum = config.check_world(cfg, world.world_size)
-    if world.is_main:
-        run_dir.create()
-    distributed.barrier(world)
-    log = setup_logging(world.rank, run_dir.logs)
+    log = setup_logging(world.rank)  # console only: nothing is written before every check passed
 
     checkpointer = Checkpointer(run_dir.checkpoints, world, cfg.checkpoint)
-    choice, notes = checkpointer.find()
-    for note in notes:
-        log.warning("checkpoint skipped", note=note)
+    choice, findings = checkpointer.find()
     state, rank_state = checkpointer.load(choice) if choice else (None, None)
     start_step = int(state["step"]) if state else 0
+    changes = drift.check(state["config"], cfg.to_dict(), start_step, args.allow_config_change) if state else {}
     if start_step >= cfg.trainer.max_steps:  # decided before any data pipeline exists
         log.info("run already finished; nothing to do", step=start_step, max_steps=cfg.trainer.max_steps)
         return 0
-    checkpointer.clean_temporary()
-    if world.is_main:
-        restarts = run_dir.record_start(cfg.to_dict(), start_step, world.world_size)
-        log.info("starting", run=str(run_dir.path), world_size=world.world_size, accum=accum,
-                 restarts=restarts, device=str(world.device))
 
     # Imported here: streaming and the model are not needed to decide "already finished".
     from prefix.data.loader import TrainStream, ValStream, check_vocab, resolve_data_root
@@ -73,6 +67,16 @@ def run(args: argparse.Namespace) -> int:
 
     root = resolve_data_root(cfg, log)
     check_vocab(root, cfg.model.vocab_size)
+
+    distributed.on_main(world, run_dir.create)  # from here on the run directory is written
+    log = setup_logging(world.rank, run_dir.logs)
+    if world.is_main:
+        log_findings(log, choice, findings)
+        checkpointer.clean_temporary()
+        restarts = run_dir.record_start(cfg.to_dict(), start_step, world.world_size, changes)
+        log.info("starting", run=str(run_dir.path), world_size=world.world_size, accum=accum,
+                 restarts=restarts, device=str(world.device), config_changes=changes or None)
+
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = GPT(cfg.model).to(world.device)
     seed_everything(cfg.run.seed + world.rank)  # then one RNG stream per rank
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except UserError as e:
-        if rank == 0 or not isinstance(e, config.ConfigError):
+        if rank == 0 or not e.same_on_every_rank:
             print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     finally:

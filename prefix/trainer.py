@@ -22,6 +22,7 @@ from prefix.config import Config, TrainerConfig
 from prefix.data.corpus import decode, encode
 from prefix.data.loader import TrainStream, ValStream
 from prefix.distributed import World
+from prefix.errors import UserError
 from prefix.model import GPT, param_groups
 from prefix.preemption import EXIT_PREEMPTED, Preemption
 from prefix.runs import RunDir
@@ -37,6 +38,19 @@ def lr_factor(step: int, t: TrainerConfig) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class TrainingFailed(UserError):
+    """Every rank stops at the same step for the same reason (the decision is global)."""
+
+    same_on_every_rank = True
+
+
+def build_optimizer(model: GPT, t: TrainerConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.beta1, nesterov=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+
+
 class Trainer:
     def __init__(self, cfg: Config, world: World, model: GPT, train: TrainStream, val: ValStream | None,
                  checkpointer: Checkpointer, preemption: Preemption, run_dir: RunDir, log: Any):
@@ -44,8 +58,7 @@ class Trainer:
         self.cfg, self.world, self.raw = cfg, world, model
         self.model = DDP(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None) \
             if world.distributed else model
-        self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
-                                           betas=(t.beta1, t.beta2))
+        self.optimizer = build_optimizer(model, t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, t=t))
         self.train, self.val = train, val
         self.checkpointer, self.preemption = checkpointer, preemption
@@ -57,6 +70,8 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.grad_norm = torch.zeros(())
+        self.skipped_steps = 0  # updates skipped for a non-finite loss, over the whole run
+        self.skips_in_a_row = 0
         self._last_log = (time.perf_counter(), 0)
 
     # -- state ----------------------------------------------------------------------------
@@ -64,20 +79,45 @@ class Trainer:
         return {
             "model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
-            "dataloader": self.train.state_dict(), "config": self.cfg.to_dict(),
+            "skipped_steps": self.skipped_steps, "dataloader": self.train.state_dict(), "config": self.cfg.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.raw.load_state_dict(state["model"])
+        try:
+            self.raw.load_state_dict(state["model"])
+        except RuntimeError as e:
+            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+            raise TrainingFailed(f"model: the checkpoint's weights do not fit this model ({first}); "
+                                 "restore the model.* values or start a new --run-name") from None
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The config's hyperparameters win over the checkpoint's, so an accepted change (lr, betas,
+        # weight decay, schedule) takes effect; with an unchanged config this recomputes the same lr.
+        for group, hyper in zip(self.optimizer.param_groups, configured, strict=True):
+            group.update(hyper)
+        self.scheduler.base_lrs = [hyper["initial_lr"] for hyper in configured]
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         if state.get("dataloader") is not None:
             self.train.load_state_dict(state["dataloader"])
 
-    def save(self) -> None:
-        seconds = self.checkpointer.save(self.step, self.state_dict, {"rng": rng_state()})
-        self.log.info("checkpoint saved", step=self.step, seconds=round(seconds, 3))
+    def save(self, final: bool) -> None:
+        """A failed periodic save is retried at the next interval; a failed final save ends the run."""
+        result = self.checkpointer.save(self.step, self.state_dict, {"rng": rng_state()})
+        if result.error is None:
+            self.log.info("checkpoint saved", step=self.step, seconds=round(result.seconds, 3))
+            return
+        where = self.checkpointer.resume_point()
+        if final:
+            raise TrainingFailed(f"checkpoint: the final save at step {self.step} failed ({result.error}); "
+                                 f"a restart resumes from {where}; free space on (or repair) the volume of "
+                                 f"{self.checkpointer.folder} and restart")
+        self.log.warning("checkpoint failed; training goes on and retries at the next interval",
+                         step=self.step, error=result.error, restart_resumes_from=where)
 
     # -- loop -----------------------------------------------------------------------------
     def fit(self) -> int:
@@ -90,7 +130,7 @@ class Trainer:
                 finished = self.step >= t.max_steps
                 unsaved = self.step > 0 and self.step != self.checkpointer.committed_step
                 if unsaved and (stop or finished or time_due or self.checkpointer.steps_due(self.step)):
-                    self.save()
+                    self.save(final=stop or finished)
                 if stop:
                     self.log.warning("stopped by signal after final checkpoint", step=self.step)
                     return EXIT_PREEMPTED
@@ -122,7 +162,8 @@ class Trainer:
                 indices += batch.index.tolist()
         clip = self.cfg.trainer.grad_clip or float("inf")
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), clip)
-        self.optimizer.step()
+        if self.finite(loss_sum):
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -132,13 +173,36 @@ class Trainer:
             self.samples.flush()
         return loss_sum / self.accum
 
+    def finite(self, loss: torch.Tensor) -> bool:
+        """False skips this step's update; raises after too many in a row (or at once with `stop`).
+
+        The gradient norm is computed from the all-reduced gradients, so every rank decides alike;
+        a NaN loss on any rank makes it NaN everywhere. Nothing is saved on the way out: the last
+        checkpoint stays the last good one.
+        """
+        if torch.isfinite(self.grad_norm):
+            self.skips_in_a_row = 0
+            return True
+        t = self.cfg.trainer
+        self.skips_in_a_row += 1
+        self.skipped_steps += 1
+        step = self.step + 1
+        if t.on_nonfinite == "stop" or self.skips_in_a_row > t.max_consecutive_skips:
+            raise TrainingFailed(
+                f"trainer: the loss or gradient was not finite at step {step} ({self.skips_in_a_row} step(s) in a row, "
+                f"trainer.on_nonfinite={t.on_nonfinite}); stopped without saving, so a restart resumes from "
+                f"{self.checkpointer.resume_point()}; lower trainer.lr or check the data")
+        self.log.warning("non-finite loss or gradient; update skipped", step=step, loss=float(loss / self.accum),
+                         grad_norm=float(self.grad_norm), in_a_row=self.skips_in_a_row)
+        return False
+
     def log_step(self, loss: torch.Tensor) -> None:
         (loss_total,) = distributed.all_sum(self.world, [loss.item()])
         now, tokens = time.perf_counter(), self.tokens_seen
         last_time, last_tokens = self._last_log
         self._last_log = (now, tokens)
-        values = {"loss": loss_total / self.world.world_size, "lr": self.scheduler.get_last_lr()[0],
-                  "grad_norm": float(self.grad_norm), "tokens_seen": tokens,
+        values = {"loss": loss_total / self.world.world_size, "lr": self.optimizer.param_groups[0]["lr"],
+                  "grad_norm": float(self.grad_norm), "tokens_seen": tokens, "skipped_steps": self.skipped_steps,
                   "tokens_per_sec": (tokens - last_tokens) / max(now - last_time, 1e-9)}
         self.metrics.write("train", self.step, **values)
         self.log.info("step", step=self.step, loss=round(values["loss"], 4), lr=f"{values['lr']:.2e}",

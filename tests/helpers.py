@@ -10,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import torch
+
+from prefix.processes import ProcessTree
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -60,24 +61,35 @@ class Launch:
         """What a container runtime does: SIGKILL every process of the run at once.
 
         torchrun puts each worker in a session of its own, so the process tree, not the process
-        group, is what must be killed.
+        group, is what must be killed (see `prefix.processes.ProcessTree`).
         """
-        try:
-            tree = [psutil.Process(self.proc.pid)]
-            tree += tree[0].children(recursive=True)
-        except psutil.NoSuchProcess:
-            return
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        ProcessTree(self.proc.pid).kill()
         self.proc.wait(30)
 
 
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def assert_clean_exit_2(result: subprocess.CompletedProcess, fragment: str) -> None:
+    """Exit code 2, exactly one `error:` line that contains `fragment`, no traceback."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def assert_workers_exit_2(result: subprocess.CompletedProcess, fragment: str) -> None:
+    """Under torchrun: a worker exited 2 with an `error:` line containing `fragment`, no worker traceback.
+
+    torchrun itself exits 1 and prints its own traceback (ChildFailedError) around the summary.
+    """
+    assert result.returncode != 0
+    assert "exitcode:2" in result.stderr.replace(" ", ""), result.stderr[-3000:]
+    assert any(fragment in line for line in result.stderr.splitlines() if line.startswith("error:")), result.stderr
+    tracebacks = result.stderr.count("Traceback")
+    assert tracebacks == result.stderr.count("ChildFailedError:"), result.stderr[-5000:]
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -1,131 +1,44 @@
-"""What a checkpoint holds, how it is written so a crash never leaves it unusable, and resume.
+"""Saving is collective and crash-safe at every instant; resume is the newest verified step.
 
-Files in `<run>/checkpoints/`:
-- `latest.pt` (rank 0): model, optimizer, scheduler, step, tokens_seen, dataloader, config, ...
-- `latest_rank{r}.pt` (every rank): that rank's RNG states and the step they belong to;
-- `prev.pt`, `prev_rank{r}.pt`: the checkpoint before, kept as the fallback.
-
-Saving is collective. Every rank writes its files under a temporary name and fsyncs them; after
-a barrier each rank commits: it moves the file of the last committed step to `prev*` (or drops
-an orphan newer file, see `_publish`) and renames the temporary file to `latest*`, then fsyncs
-the folder. So at every instant each rank holds the last committed step in `latest*` or `prev*`;
-resume picks the newest step for which the global file and every rank file exist and load.
-All files load with `torch.load(weights_only=True)`: RNG states are stored as tensors.
+A save has three phases:
+1. write: every rank writes its files under temporary names, checksummed and fsynced; a full disk
+   or an I/O error here is caught and the ranks agree (rank 0 gathers the outcomes);
+2. record: rank 0 writes the manifest with every file's checksum; the ranks learn the verdict;
+3. commit: every rank moves the file of its last committed step to `prev*` (or drops an orphan,
+   see `_publish`), renames the temporary file to `latest*` and fsyncs the folder; a barrier.
+A failed save removes its temporary files and changes nothing else: the last committed step stays
+where it was, and the trainer decides whether to go on (periodic save) or give up (final save).
 """
 
 from __future__ import annotations
 
 import os
-import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from prefix import distributed
+from prefix.checkpoint import files
+from prefix.checkpoint.files import FORMAT_VERSION, FileSum, global_name, rank_name, tmp
+from prefix.checkpoint.resume import Finding, Resume, choose
 from prefix.config import CheckpointConfig
 from prefix.distributed import World
 
-FORMAT_VERSION = 1
-SLOTS = ("latest", "prev")
 
-
-def global_name(slot: str) -> str:
-    return f"{slot}.pt"
-
-
-def rank_name(slot: str, rank: int) -> str:
-    return f"{slot}_rank{rank}.pt"
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states as tensors and plain types (weights_only-loadable)."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(obj: Any, path: Path) -> None:
-    """torch.save to `path` and fsync it, so a later rename publishes complete bytes."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _load(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at `path`, or None if it is missing or unreadable (partly written, damaged)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # missing, truncated, damaged: all mean "not usable"
-        return None
-
-
-@dataclass
-class Resume:
-    """Where the chosen checkpoint lives: its step, and the slot of each file."""
-
+@dataclass(frozen=True)
+class SaveResult:
     step: int
-    global_slot: str
-    rank_slots: dict[int, str] = field(default_factory=dict)
+    seconds: float
+    error: str | None = None
+    """Why the save failed on some rank ("rank 1: No space left on device"); None if committed."""
 
 
-def choose(folder: Path, world_size: int) -> tuple[Resume | None, list[str]]:
-    """The newest step whose global file and rank files (for the ranks that will load) all load.
-
-    Returns the choice and notes on what was skipped, for the log.
-    """
-    notes: list[str] = []
-    found = []
-    for slot in SLOTS:
-        state = _load(folder / global_name(slot))
-        if state is not None:
-            found.append((int(state["step"]), slot, int(state.get("world_size", 1))))
-        elif (folder / global_name(slot)).exists():
-            notes.append(f"{global_name(slot)} is unreadable")
-    for step, slot, saved_world in sorted(found, reverse=True):
-        rank_slots = {}
-        for r in range(min(saved_world, world_size)):
-            for rslot in SLOTS:
-                rstate = _load(folder / rank_name(rslot, r))
-                if rstate is not None and int(rstate["step"]) == step:
-                    rank_slots[r] = rslot
-                    break
-        if len(rank_slots) == min(saved_world, world_size):
-            return Resume(step, slot, rank_slots), notes
-        notes.append(f"step {step} in {global_name(slot)} lacks rank files; skipped")
-    return None, notes
+def _describe(error: OSError) -> str:
+    return f"{error.strerror or error}" + (f" ({Path(error.filename).name})" if error.filename else "")
 
 
 class Checkpointer:
@@ -138,13 +51,14 @@ class Checkpointer:
         self.committed_step: int | None = None
         self._slot_global: str | None = None  # where the committed step's files live
         self._slot_rank: str | None = None
+        self._previous_step: int | None = None  # committed before committed_step: prev*'s step
+        self._manifest: Path | None = None  # written by the save in progress
         self._last_save_time = time.monotonic()
 
     # -- resume -------------------------------------------------------------------------
-    def find(self) -> tuple[Resume | None, list[str]]:
-        """Rank 0 inspects the folder; every rank gets the same answer."""
-        choice = choose(self.folder, self.world.world_size) if self.world.is_main else None
-        return distributed.broadcast(self.world, choice)
+    def find(self) -> tuple[Resume | None, list[Finding]]:
+        """Rank 0 inspects the folder (read-only); every rank gets the same answer or error."""
+        return distributed.on_main(self.world, lambda: choose(self.folder, self.world.world_size))
 
     def load(self, choice: Resume) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The global state and this rank's state (None when this rank did not exist then)."""
@@ -158,11 +72,17 @@ class Checkpointer:
         self._slot_rank = mine
         return state, rank_state
 
+    def resume_point(self) -> str:
+        """What a restart would resume from now, for messages."""
+        if self.committed_step is None:
+            return "the beginning (no checkpoint was committed)"
+        return f"step {self.committed_step} ({global_name(self._slot_global or 'latest')})"
+
     def clean_temporary(self) -> None:
         """Drop temporary files left by a write that was killed (rank 0, before any save)."""
         if self.world.is_main and self.folder.is_dir():
-            for tmp in self.folder.glob("*.tmp"):
-                tmp.unlink(missing_ok=True)
+            for path in self.folder.glob("*.tmp"):
+                path.unlink(missing_ok=True)
 
     # -- save ---------------------------------------------------------------------------
     def seconds_due(self) -> bool:
@@ -172,45 +92,87 @@ class Checkpointer:
     def steps_due(self, step: int) -> bool:
         return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
 
-    def save(self, step: int, global_state: Callable[[], dict[str, Any]], rank_state: dict[str, Any]) -> float:
-        """Collective: write, barrier, commit, barrier. Returns the seconds it took."""
+    def save(self, step: int, global_state: Callable[[], dict[str, Any]], rank_state: dict[str, Any]) -> SaveResult:
+        """Collective: write, record, commit. A disk error on any rank fails the save on all."""
         start = time.monotonic()
-        self.write(step, global_state, rank_state)
-        distributed.barrier(self.world)  # every file of this step is durable somewhere
-        self.commit()
-        distributed.barrier(self.world)  # the step is committed on every rank
-        self.committed_step = step
+        sums, error = None, None
+        try:
+            sums = self.write(step, global_state, rank_state)
+        except OSError as e:
+            error = _describe(e)
+        outcomes = distributed.gather(self.world, (sums, error))
+        verdict = None
+        if self.world.is_main:
+            errors = [f"rank {r}: {err}" for r, (_, err) in enumerate(outcomes) if err]
+            if not errors:
+                try:
+                    self.record(step, [s for s, _ in outcomes])
+                except OSError as e:
+                    errors.append(f"rank 0: {_describe(e)}")
+            verdict = "; ".join(errors) or None
+        verdict = distributed.broadcast(self.world, verdict)
+        if verdict is None:
+            self.commit(step)
+            distributed.barrier(self.world)  # the step is committed on every rank
+            self.prune(step)
+        else:
+            self.discard()
         self._last_save_time = time.monotonic()
-        return self._last_save_time - start
+        return SaveResult(step, self._last_save_time - start, verdict)
 
-    def write(self, step: int, global_state: Callable[[], dict[str, Any]], rank_state: dict[str, Any]) -> None:
-        """Phase 1: this rank's files under temporary names, fsynced."""
+    def write(self, step: int, global_state: Callable[[], dict[str, Any]],
+              rank_state: dict[str, Any]) -> dict[str, FileSum]:
+        """Phase 1: this rank's files under temporary names; their checksums by role."""
         self.folder.mkdir(parents=True, exist_ok=True)
         r = self.world.rank
-        write_durably({**rank_state, "step": step, "rank": r, "format_version": FORMAT_VERSION},
-                      self.folder / (rank_name("latest", r) + ".tmp"))
+        sums = {f"rank{r}": files.write_durably({**rank_state, "step": step, "rank": r, "format_version": FORMAT_VERSION},
+                                          tmp(self.folder / rank_name("latest", r)))}
         if self.world.is_main:
-            write_durably({**global_state(), "step": step, "world_size": self.world.world_size,
-                           "format_version": FORMAT_VERSION}, self.folder / (global_name("latest") + ".tmp"))
+            sums["global"] = files.write_durably({**global_state(), "step": step, "world_size": self.world.world_size,
+                                            "format_version": FORMAT_VERSION}, tmp(self.folder / global_name("latest")))
+        return sums
 
-    def commit(self) -> None:
-        """Phase 2, once every rank has written: publish this rank's files."""
+    def record(self, step: int, sums_by_rank: list[dict[str, FileSum]]) -> None:
+        """Phase 2 (rank 0): the manifest of this save, durable before any file is published."""
+        listed = {role: s for sums in sums_by_rank for role, s in sums.items()}
+        self._manifest = files.write_manifest(self.folder, step, len(sums_by_rank), listed)
+
+    def commit(self, step: int) -> None:
+        """Phase 3, once the manifest is durable: publish this rank's files."""
         r = self.world.rank
         self._slot_rank = self._publish(rank_name("latest", r), rank_name("prev", r), self._slot_rank)
         if self.world.is_main:
             self._slot_global = self._publish(global_name("latest"), global_name("prev"), self._slot_global)
-        _fsync_dir(self.folder)
+        files.fsync_dir(self.folder)
+        self._previous_step, self.committed_step = self.committed_step, step
+
+    def prune(self, step: int) -> None:
+        """After every rank committed `step` (rank 0): forget manifests no file can need."""
+        keep = {step} | ({self._previous_step} if self.cfg.keep_previous else set())
+        if self.world.is_main:
+            files.prune_manifests(self.folder, {s for s in keep if s is not None})
+        self._manifest = None
+
+    def discard(self) -> None:
+        """A failed save: remove what it wrote, so the space is free and nothing refers to it."""
+        mine = [tmp(self.folder / rank_name("latest", self.world.rank))]
+        if self.world.is_main:
+            mine += [tmp(self.folder / global_name("latest")), *self.folder.glob("manifest-*.json.tmp")]
+        for path in mine:
+            path.unlink(missing_ok=True)
+        if self._manifest is not None:
+            self._manifest.unlink(missing_ok=True)
+            self._manifest = None
 
     def _publish(self, latest: str, prev: str, committed_slot: str | None) -> str:
         """Rename `latest.tmp` to `latest`, keeping the last committed file as `prev`."""
         latest_path, prev_path = self.folder / latest, self.folder / prev
-        tmp = self.folder / (latest + ".tmp")
         if committed_slot == "latest":
             if self.cfg.keep_previous:
                 os.replace(latest_path, prev_path)
         elif committed_slot == "prev" and latest_path.exists():
-            latest_path.unlink()  # a newer step that never completed on every rank
-        os.replace(tmp, latest_path)
+            latest_path.unlink()  # unusable, or a newer step that never completed on every rank
+        os.replace(tmp(latest_path), latest_path)
         if not self.cfg.keep_previous and committed_slot is not None:
             prev_path.unlink(missing_ok=True)
         return "latest"

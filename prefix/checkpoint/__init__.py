@@ -1,0 +1,16 @@
+"""Checkpoints: what they hold, how they are written so that no crash or full disk loses one,
+and which one a start resumes from. See docs/checkpoints.md.
+
+- `files`: names, checksummed durable writes, manifests;
+- `resume`: verifying files and choosing the step to resume from;
+- `checkpointer`: the collective save protocol and loading;
+- `rng`: every RNG state, in a form `weights_only` loading accepts.
+"""
+
+from prefix.checkpoint.checkpointer import Checkpointer, SaveResult
+from prefix.checkpoint.files import FORMAT_VERSION, global_name, rank_name
+from prefix.checkpoint.resume import Finding, NoUsableCheckpoint, Resume, choose, log_findings
+from prefix.checkpoint.rng import rng_state, set_rng_state
+
+__all__ = ["FORMAT_VERSION", "Checkpointer", "Finding", "NoUsableCheckpoint", "Resume", "SaveResult", "choose",
+           "global_name", "log_findings", "rank_name", "rng_state", "set_rng_state"]

@@ -1,0 +1,138 @@
+"""Which checkpoint a start resumes from, and why the others were passed over.
+
+A file is usable when it loads with `weights_only=True` (a pickle that would run code is refused),
+was written in this format version, and its SHA-256 is the one a manifest of its step recorded.
+The choice is the newest step whose global file and every needed rank file are usable.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefix.checkpoint.files import FORMAT_VERSION, SLOTS, file_sum, global_name, rank_name, read_manifests
+from prefix.errors import UserError
+
+
+class NoUsableCheckpoint(UserError):
+    """Checkpoint files exist but none can be resumed from; nothing was changed."""
+
+    same_on_every_rank = True
+
+
+@dataclass(frozen=True)
+class Finding:
+    file: str
+    reason: str
+    unusable: bool = True
+    """False for a save that a crash interrupted: expected, and nothing is damaged."""
+
+
+@dataclass
+class Resume:
+    """The chosen step, and the slot ("latest" or "prev") that holds each of its files."""
+
+    step: int
+    global_slot: str
+    rank_slots: dict[int, str] = field(default_factory=dict)
+
+
+def _refusal(error: Exception) -> str:
+    """The line of torch's weights_only error that names what the pickle wanted to call."""
+    lines = [s.strip() for s in str(error).splitlines() if "Unsupported" in s or "GLOBAL" in s]
+    return lines[0] if lines else type(error).__name__
+
+
+class _Inspector:
+    """Verifies each file once; collects a Finding for every file that is not usable."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.manifests, unreadable = read_manifests(folder)
+        self.findings = [Finding(name, "manifest is unreadable") for name in unreadable]
+        self._seen: dict[str, tuple[int, int] | None] = {}
+
+    def check(self, name: str, role: str) -> tuple[int, int] | None:
+        """(step, world size of that save) if the file is usable, else None."""
+        if name not in self._seen:
+            self._seen[name] = self._check(name, role)
+        return self._seen[name]
+
+    def _check(self, name: str, role: str) -> tuple[int, int] | None:
+        path = self.folder / name
+        if not path.exists():
+            return None
+        reason = None
+        try:
+            checksum = file_sum(path)
+            state: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            reason = f"refused: loading it would run code ({_refusal(e)})" if "weights_only" in str(e) \
+                else "damaged: it does not load"
+        except OSError as e:
+            reason = f"cannot be read ({e.strerror or e})"
+        except Exception:  # truncated zip, garbage bytes: torch raises several kinds
+            reason = "damaged or truncated: it does not load"
+        else:
+            version = state.get("format_version") if isinstance(state, dict) else None
+            step = int(state["step"]) if version == FORMAT_VERSION else -1
+            same_step = [m for m in self.manifests if m.step == step]
+            listed = [m for m in same_step if m.lists(role, checksum)]
+            if version != FORMAT_VERSION:
+                reason = f"written in checkpoint format {version}; this prefix reads format {FORMAT_VERSION}"
+            elif listed:
+                return step, listed[0].world_size
+            elif same_step:
+                reason = f"damaged: its SHA-256 does not match {same_step[0].name}"
+            else:
+                reason = f"no manifest of step {step} lists it, so it cannot be verified"
+        self.findings.append(Finding(name, reason))
+        return None
+
+
+def choose(folder: Path, world_size: int) -> tuple[Resume | None, list[Finding]]:
+    """The newest usable step for `world_size` ranks (those beyond the saved world start fresh)."""
+    if not folder.is_dir():
+        return None, []
+    inspector = _Inspector(folder)
+    for slot in SLOTS:
+        found = inspector.check(global_name(slot), "global")
+        if found is None:
+            continue
+        step, saved_world = found
+        needed = range(min(saved_world, world_size))
+        rank_slots = {}
+        for r in needed:
+            for rslot in SLOTS:
+                if (inspector.check(rank_name(rslot, r), f"rank{r}") or (None,))[0] == step:
+                    rank_slots[r] = rslot
+                    break
+        if len(rank_slots) == len(needed):
+            if slot != SLOTS[0] and not (folder / global_name(SLOTS[0])).exists():
+                inspector.findings.append(Finding(global_name(SLOTS[0]), "missing", unusable=False))
+            return Resume(step, slot, rank_slots), inspector.findings
+        lacking = ", ".join(str(r) for r in needed if r not in rank_slots)
+        inspector.findings.append(Finding(global_name(slot), f"step {step} is incomplete (no usable file of "
+                                          f"that step for rank {lacking}): its save was interrupted",
+                                          unusable=False))
+    if any(f.unusable for f in inspector.findings):
+        found = "; ".join(f"{f.file}: {f.reason}" for f in inspector.findings)
+        raise NoUsableCheckpoint(f"{folder}: no usable checkpoint ({found}); restore the files from a backup, "
+                                 "or move the folder aside to start the run over (nothing was changed)")
+    return None, inspector.findings
+
+
+def log_findings(log: Any, choice: Resume | None, findings: list[Finding]) -> None:
+    """One warning per unusable file, and one naming the step a fallback resumes from."""
+    for f in findings:
+        if f.unusable:
+            log.warning("checkpoint unusable", file=f.file, reason=f.reason)
+        else:
+            log.info("checkpoint skipped", file=f.file, reason=f.reason)
+    if choice is not None and (choice.global_slot != SLOTS[0] or any(f.unusable for f in findings)):
+        log.warning(f"falling back to step {choice.step} in {global_name(choice.global_slot)}",
+                    step=choice.step, file=global_name(choice.global_slot))
