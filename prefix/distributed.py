@@ -38,18 +38,32 @@ class World:
 
 
 def pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device: cuda was asked for but no CUDA device is visible; "
+                        "use trainer.device=auto or cpu, or run where a GPU is attached")
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"{name}={value!r} in the environment is not an integer; torchrun sets it, "
+                        "so unset it or launch with torchrun") from None
+
+
 def init(device_preference: str = "auto", timeout_s: float = 600) -> World:
     """Read torchrun's environment and join the process group (nccl on GPU, gloo on CPU)."""
-    env = os.environ
-    rank, world_size = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-    local_rank = int(env.get("LOCAL_RANK", 0))
-    local_world = int(env.get("LOCAL_WORLD_SIZE", world_size))
+    rank, world_size, local_rank = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world_size)
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if world_size > 1 and missing:
+        raise UserError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set; launch with torchrun, "
+                        "or unset WORLD_SIZE for a single process")
     device = pick_device(device_preference, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

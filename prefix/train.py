@@ -67,23 +67,23 @@ def run(args: argparse.Namespace) -> int:
 
     root = resolve_data_root(cfg, log)
     check_vocab(root, cfg.model.vocab_size)
-
-    distributed.on_main(world, run_dir.create)  # from here on the run directory is written
-    log = setup_logging(world.rank, run_dir.logs)
-    if world.is_main:
-        log_findings(log, choice, findings)
-        checkpointer.clean_temporary()
-        restarts = run_dir.record_start(cfg.to_dict(), start_step, world.world_size, changes)
-        log.info("starting", run=str(run_dir.path), world_size=world.world_size, accum=accum,
-                 restarts=restarts, device=str(world.device), config_changes=changes or None)
-
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = GPT(cfg.model).to(world.device)
     seed_everything(cfg.run.seed + world.rank)  # then one RNG stream per rank
     train = TrainStream(cfg, root, accum)
-    val = ValStream(cfg, root) if cfg.trainer.eval_every else None
-    trainer = Trainer(cfg, world, model, train, val, checkpointer, Preemption(), run_dir, log)
+    trainer = None
     try:
+        val = ValStream(cfg, root) if cfg.trainer.eval_every else None
+
+        distributed.on_main(world, run_dir.create)  # from here on the run directory is written
+        log = setup_logging(world.rank, run_dir.logs)
+        if world.is_main:
+            log_findings(log, choice, findings)
+            checkpointer.clean_temporary()
+            restarts = run_dir.record_start(cfg.to_dict(), start_step, world.world_size, changes)
+            log.info("starting", run=str(run_dir.path), world_size=world.world_size, accum=accum,
+                     restarts=restarts, device=str(world.device), config_changes=changes or None)
+        trainer = Trainer(cfg, world, model, train, val, checkpointer, Preemption(), run_dir, log)
         if state is not None:
             trainer.load_state_dict(state)
             if rank_state is not None:
@@ -95,13 +95,14 @@ def run(args: argparse.Namespace) -> int:
             log.info("model", params=model.num_params(), steps_per_epoch=train.steps_per_epoch)
         return trainer.fit()
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
         train.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", "0")) if os.environ.get("RANK", "0").isdigit() else 0
     setup_logging(rank)
     default_actions()
     try:

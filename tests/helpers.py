@@ -67,9 +67,19 @@ class Launch:
         self.proc.wait(30)
 
 
-def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+class RunsCode:
+    """What a crafted checkpoint smuggles in: unpickling it calls os.system (touching `marker`)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
 
 
 def assert_clean_exit_2(result: subprocess.CompletedProcess, fragment: str) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import RunsCode
 
 from prefix.checkpoint import Checkpointer, NoUsableCheckpoint, choose, files, rng_state, set_rng_state
 from prefix.config import CheckpointConfig
@@ -208,16 +209,6 @@ def test_files_of_another_format_version_are_refused(tmp_path):
         choose(tmp_path, 2)
 
 
-class RunsCode:
-    """What a crafted checkpoint smuggles in: unpickling it calls os.system."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_a_checkpoint_whose_pickle_would_run_code_is_refused(tmp_path):
     cks = ranks(tmp_path)
     save(cks, 10)
@@ -261,3 +252,14 @@ def test_a_save_that_fills_the_disk_fails_cleanly_and_keeps_the_last_checkpoint(
     (small_disk / "prev.pt").unlink()
     assert ck.save(40, state(40), {"marker": 40}).error is None
     assert choose(small_disk, 1)[0].step == 40
+
+
+def test_temporary_files_of_an_interrupted_write_are_removed_at_start(tmp_path):
+    cks = ranks(tmp_path)
+    save(cks, 10)
+    write(cks, 20)  # killed before its commit: temporary files and a manifest nothing refers to yet
+    (tmp_path / "manifest-20-0000.json.tmp").write_text("{")
+    assert len(list(tmp_path.glob("*.tmp"))) == 4
+    cks[0].clean_temporary()
+    assert not list(tmp_path.glob("*.tmp"))
+    assert resume(tmp_path)[0] == 10

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 
 import pytest
 import torch
 from helpers import (
+    RunsCode,
     assert_clean_exit_2,
     assert_same_weights,
     assert_workers_exit_2,
@@ -92,14 +92,6 @@ def test_full_disk_keeps_training_then_exits_2_naming_the_resume_step(tmp_path, 
     assert second.returncode == 0, second.stderr[-3000:]
     assert events(tmp_path / "full", "resumed from step 20")
     assert_same_weights(checkpoint(tmp_path / "full")["model"], checkpoint(baseline)["model"])
-
-
-class RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def test_malicious_checkpoint_is_refused_and_its_code_never_runs(tmp_path):

@@ -74,8 +74,12 @@ def resolve_data_root(cfg: Config, log: Any) -> Path:
     clean_node(log)
     d = cfg.data
     if d.local is None:
-        start = time.monotonic()
-        root, built = ensure_default_corpus(default_cache_dir(d.cache_dir), cfg.model.seq_len, d.val_fraction)
+        start, cache = time.monotonic(), default_cache_dir(d.cache_dir)
+        try:
+            root, built = ensure_default_corpus(cache, cfg.model.seq_len, d.val_fraction)
+        except OSError as e:
+            raise UserError(f"data.cache_dir: cannot build the default corpus in {cache} ({e.strerror}); "
+                            "set data.cache_dir or PREFIX_CACHE_DIR to a writable folder") from None
         if built:
             log.info("built the default corpus", path=str(root), seconds=round(time.monotonic() - start, 1))
         return root
@@ -102,12 +106,16 @@ def _dataset(cfg: Config, root: Path, split: str, shuffle: bool) -> IndexedDatas
     if remote is None and not (root / split / "index.json").is_file():
         raise UserError(f"data: split '{split}' not found under {root}; add it or change "
                         f"data.{'train' if split == d.train_split else 'val'}_split")
-    ds = IndexedDataset(
-        local=str(root / split), remote=remote, batch_size=cfg.trainer.micro_batch_size,
-        shuffle=shuffle, shuffle_seed=cfg.run.seed if d.shuffle_seed is None else d.shuffle_seed,
-        shuffle_algo=d.shuffle_algo, shuffle_block_size=d.shuffle_block_size,
-        num_canonical_nodes=d.num_canonical_nodes,
-    )
+    try:
+        ds = IndexedDataset(
+            local=str(root / split), remote=remote, batch_size=cfg.trainer.micro_batch_size,
+            shuffle=shuffle, shuffle_seed=cfg.run.seed if d.shuffle_seed is None else d.shuffle_seed,
+            shuffle_algo=d.shuffle_algo, shuffle_block_size=d.shuffle_block_size,
+            num_canonical_nodes=d.num_canonical_nodes,
+        )
+    except (json.JSONDecodeError, KeyError) as e:  # an empty or damaged index.json
+        raise UserError(f"data: {root / split}/index.json is not a readable MDS index ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]}); rebuild the dataset") from None
     width = len(ds[0]["tokens"])
     if width < cfg.model.seq_len + 1:
         raise UserError(f"model.seq_len: {cfg.model.seq_len} needs samples of {cfg.model.seq_len + 1} "
