@@ -92,7 +92,8 @@ class Checkpointer:
     def steps_due(self, step: int) -> bool:
         return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
 
-    def save(self, step: int, global_state: Callable[[], dict[str, Any]], rank_state: dict[str, Any]) -> SaveResult:
+    def save(self, step: int, global_state: Callable[[], dict[str, Any]],
+             rank_state: dict[str, Any]) -> SaveResult:
         """Collective: write, record, commit. A disk error on any rank fails the save on all."""
         start = time.monotonic()
         sums, error = None, None
@@ -124,12 +125,12 @@ class Checkpointer:
               rank_state: dict[str, Any]) -> dict[str, FileSum]:
         """Phase 1: this rank's files under temporary names; their checksums by role."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        r = self.world.rank
-        sums = {f"rank{r}": files.write_durably({**rank_state, "step": step, "rank": r, "format_version": FORMAT_VERSION},
-                                          tmp(self.folder / rank_name("latest", r)))}
+        r, stamp = self.world.rank, {"step": step, "format_version": FORMAT_VERSION}
+        mine = {**rank_state, **stamp, "rank": r}
+        sums = {f"rank{r}": files.write_durably(mine, tmp(self.folder / rank_name("latest", r)))}
         if self.world.is_main:
-            sums["global"] = files.write_durably({**global_state(), "step": step, "world_size": self.world.world_size,
-                                            "format_version": FORMAT_VERSION}, tmp(self.folder / global_name("latest")))
+            shared = {**global_state(), **stamp, "world_size": self.world.world_size}
+            sums["global"] = files.write_durably(shared, tmp(self.folder / global_name("latest")))
         return sums
 
     def record(self, step: int, sums_by_rank: list[dict[str, FileSum]]) -> None:
