@@ -89,13 +89,13 @@ class Launch:
     """One start in a session of its own, as a pod's PID 1, and what it appends to the run directory.
     Leaving the `with` block kills whatever is left, so an interrupted harness leaves no process behind."""
 
-    def __init__(self, cmd: list[str], run_dir: Path):
+    def __init__(self, cmd: list[str], run_dir: Path, env: dict[str, str] | None = None):
         self.log, self.checkpoints = run_dir.parent / f"{run_dir.name}.log", run_dir / "checkpoints"
         self.train, self.evals = (Tail(run_dir / "metrics" / f"{s}.jsonl") for s in ("train", "eval"))
         self.events = Tail(run_dir / "logs" / "rank0.jsonl")
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.t0, self.tree = time.monotonic(), ProcessTree(self.proc.pid)
 
     def __enter__(self) -> Launch:

@@ -1,0 +1,187 @@
+"""Pod-lifecycle simulator: run the container command a manifest or the Run:ai script builds, here.
+
+`prefix simulate --preemptions 3` takes the command exactly as `k8s/job.yaml` (rendered by
+`k8s/render.py`) or `runai/submit_train.sh --dry-run` builds it, runs it locally with its
+environment (CPU, gloo; the PVC is a local folder) and plays the cluster until the run exits 0:
+at a random moment after training started, SIGTERM to the PID-1 process (the `bash -c 'exec
+torchrun …'`), the manifest's grace period, SIGKILL of whatever is left; then a reschedule, one of
+- `same-node`: the same command again (a pod restarted on the node it ran on);
+- `new-node`: the same command with an empty local cache (the default corpus is rebuilt);
+- `resubmit`: the command rebuilt by the Run:ai script's dry-run, as a user resubmitting the name.
+It reports preemptions, flushes that finished inside the grace period, steps redone, and whether
+the final weights and per-step losses equal the same command run without interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from prefix.chaos import kill_plan, losses, same_weights
+from prefix.errors import UserError
+from prefix.processes import Launch, Tail
+
+REPO = Path(__file__).resolve().parents[1]
+PVC_PATH = "/home/apluser/runs"  # where both the manifests and the Run:ai script mount the runs volume
+RESCHEDULES = ("same-node", "new-node", "resubmit")
+SAVED = "stopped by signal after final checkpoint"
+DEFAULT_ARGS = ["--config", str(REPO / "configs" / "tiny.yaml"), "trainer.device=cpu", "trainer.max_steps=150"]
+
+
+@dataclass
+class Pod:
+    """A container command and its environment, as the cluster would start it."""
+
+    command: list[str]
+    env: dict[str, str]
+    grace: float
+
+
+def from_manifest(run_name: str, train_args: list[str]) -> Pod:
+    """The single-node Job's container, rendered by k8s/render.py."""
+    rendered = subprocess.run([sys.executable, str(REPO / "k8s" / "render.py"), "job.yaml", "--run-name", run_name,
+                               "--image", "local", "--gpus", "2", "--", *train_args],
+                              capture_output=True, text=True, check=True).stdout
+    (job,) = [d for d in yaml.safe_load_all(rendered) if d and d.get("kind") == "Job"]
+    spec = job["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    env = {e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e}
+    return Pod([*container["command"], *container.get("args", [])], env, float(spec["terminationGracePeriodSeconds"]))
+
+
+def from_submit_script(run_name: str, train_args: list[str]) -> Pod:
+    """The command `runai/submit_train.sh --dry-run` prints: what Run:ai would start in the pod."""
+    printed = subprocess.run([str(REPO / "runai" / "submit_train.sh"), "--dry-run", "--run-name", run_name,
+                              "--project", "local", "--image", "local", "--pvc", "runs", "--gpus", "2",
+                              "--", *train_args], capture_output=True, text=True, check=True).stdout
+    words = shlex.split(printed)
+    cut = words.index("--command")
+    env = dict(words[i + 1].split("=", 1) for i, w in enumerate(words[:cut]) if w == "-e")
+    grace = words[words.index("--termination-grace-period") + 1].rstrip("s")
+    return Pod(words[cut + 2:], env, float(grace))
+
+
+@dataclass
+class Report:
+    preemptions: int = 0
+    flushed_in_grace: int = 0
+    reschedules: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESCHEDULES, 0))
+    steps_redone: int = 0
+    losses_identical: bool = False
+    weights_identical: bool = False
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.losses_identical and self.weights_identical
+
+    def __str__(self) -> str:
+        yes = {True: "yes", False: "NO"}
+        return "\n".join([
+            f"preemptions        {self.preemptions}",
+            f"flushed in grace   {self.flushed_in_grace}/{self.preemptions}",
+            "reschedules        " + ", ".join(f"{k} {n}" for k, n in self.reschedules.items()),
+            f"steps redone       {self.steps_redone}",
+            f"losses identical   {yes[self.losses_identical]}",
+            f"weights identical  {yes[self.weights_identical]}",
+            f"wall time          {self.wall_s:.1f} s",
+            "PASS" if self.ok else "FAIL"])
+
+
+class Cluster:
+    """Runs pods of one run name on this machine: the runs volume and node caches are folders."""
+
+    def __init__(self, root: Path, source: str, train_args: list[str]):
+        self.root, self.source, self.train_args = root, source, train_args
+        self.volume = root / "pvc"
+        self.volume.mkdir(parents=True, exist_ok=True)
+        self.nodes = 0
+
+    def pod(self, run_name: str, resubmitted: bool = False) -> Pod:
+        build = from_submit_script if resubmitted or self.source == "runai" else from_manifest
+        return build(run_name, self.train_args)
+
+    def new_node_cache(self) -> Path:
+        self.nodes += 1
+        return self.root / f"node{self.nodes}-cache"
+
+    def start(self, pod: Pod, run_name: str, cache: Path) -> Launch:
+        env = {**pod.env, "PREFIX_RUNS_ROOT": pod.env.get("PREFIX_RUNS_ROOT", PVC_PATH).replace(PVC_PATH, str(self.volume)),
+               "PREFIX_CACHE_DIR": str(cache), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+        return Launch(pod.command, self.volume / run_name, env=env)
+
+
+def wait_exit(launch: Launch, timeout: float) -> bool:
+    return launch.wait_for(lambda: False, timeout, every=0.05) == "exit"
+
+
+def run(preemptions: int, seed: int, root: Path, source: str = "job", train_args: list[str] | None = None,
+        echo=print) -> Report:
+    """Preempt the run `preemptions` times, let it finish, compare with an uninterrupted run."""
+    began, rng, report = time.monotonic(), random.Random(seed), Report()
+    cluster = Cluster(root, source, train_args or DEFAULT_ARGS)
+    cache = cluster.new_node_cache()
+    with cluster.start(cluster.pod("baseline"), "baseline", cache) as base:
+        if not wait_exit(base, 900) or base.proc.returncode != 0:
+            raise UserError(f"the uninterrupted run failed; see {base.log}")
+    pod, plan = cluster.pod("sim"), kill_plan(preemptions, RESCHEDULES, rng)
+    for reschedule in [*plan, None]:
+        with cluster.start(pod, "sim", cache) as launch:
+            if launch.wait_for(launch.steps, 600) != "hit" or reschedule is None:
+                wait_exit(launch, 900)
+                if launch.proc.returncode != 0:
+                    raise UserError(f"a start exited {launch.proc.returncode} by itself; see {launch.log}")
+                break
+            if wait_exit(launch, rng.uniform(0.2, 2.0)):  # finished before the preemption came
+                if launch.proc.returncode != 0:
+                    raise UserError(f"a start exited {launch.proc.returncode} by itself; see {launch.log}")
+                break
+            launch.proc.send_signal(15)  # the kubelet's SIGTERM to PID 1
+            flushed = wait_exit(launch, pod.grace) and any(e["event"] == SAVED for e in launch.events.read())
+        report.preemptions += 1
+        report.flushed_in_grace += flushed
+        report.reschedules[reschedule] += 1
+        echo(f"preemption {report.preemptions}: {'flushed' if flushed else 'SIGKILLed'} in grace; "
+             f"rescheduled: {reschedule}")
+        if reschedule == "new-node":
+            cache = cluster.new_node_cache()
+        pod = cluster.pod("sim", resubmitted=reschedule == "resubmit")
+    mine, base_losses = losses(cluster.volume / "sim"), losses(cluster.volume / "baseline")
+    report.steps_redone = len(Tail(cluster.volume / "sim" / "metrics" / "train.jsonl", from_start=True).read()) - len(mine)
+    report.losses_identical = mine == base_losses
+    report.weights_identical = same_weights(cluster.volume / "sim", cluster.volume / "baseline")
+    report.wall_s = time.monotonic() - began
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="prefix simulate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preemptions", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source", choices=("job", "runai"), default="job",
+                   help="build the command from k8s/job.yaml or from runai/submit_train.sh --dry-run")
+    p.add_argument("--root", type=Path, help="folder for the volume and node caches (default: temporary)")
+    p.add_argument("train_args", nargs="*", help="arguments for prefix.train (default: the tiny config on CPU)")
+    args = p.parse_args(argv)
+    root = args.root or Path(tempfile.mkdtemp(prefix="prefix-simulate-"))
+    try:
+        report = run(args.preemptions, args.seed, root, args.source, args.train_args or None)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
