@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import random
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,8 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from prefix.chaos import kill_plan, losses, same_weights
-from prefix.errors import UserError
+from prefix.chaos import ChaosError, kill_plan, losses, same_weights
 from prefix.processes import Launch, Tail
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +124,13 @@ def wait_exit(launch: Launch, timeout: float) -> bool:
     return launch.wait_for(lambda: False, timeout, every=0.05) == "exit"
 
 
+def finish(launch: Launch) -> None:
+    """A start that ends by itself must exit 0: otherwise the daemon, not the cluster, failed."""
+    wait_exit(launch, 900)
+    if launch.proc.returncode != 0:
+        raise ChaosError(f"a start exited {launch.proc.returncode} by itself; see {launch.log}")
+
+
 def run(preemptions: int, seed: int, root: Path, source: str = "job", train_args: list[str] | None = None,
         echo=print) -> Report:
     """Preempt the run `preemptions` times, let it finish, compare with an uninterrupted run."""
@@ -131,21 +138,16 @@ def run(preemptions: int, seed: int, root: Path, source: str = "job", train_args
     cluster = Cluster(root, source, train_args or DEFAULT_ARGS)
     cache = cluster.new_node_cache()
     with cluster.start(cluster.pod("baseline"), "baseline", cache) as base:
-        if not wait_exit(base, 900) or base.proc.returncode != 0:
-            raise UserError(f"the uninterrupted run failed; see {base.log}")
+        finish(base)
     pod, plan = cluster.pod("sim"), kill_plan(preemptions, RESCHEDULES, rng)
     for reschedule in [*plan, None]:
         with cluster.start(pod, "sim", cache) as launch:
-            if launch.wait_for(launch.steps, 600) != "hit" or reschedule is None:
-                wait_exit(launch, 900)
-                if launch.proc.returncode != 0:
-                    raise UserError(f"a start exited {launch.proc.returncode} by itself; see {launch.log}")
+            # no preemption planned, or the run finished before it came
+            if (launch.wait_for(launch.steps, 600) != "hit" or reschedule is None
+                    or wait_exit(launch, rng.uniform(0.2, 2.0))):
+                finish(launch)
                 break
-            if wait_exit(launch, rng.uniform(0.2, 2.0)):  # finished before the preemption came
-                if launch.proc.returncode != 0:
-                    raise UserError(f"a start exited {launch.proc.returncode} by itself; see {launch.log}")
-                break
-            launch.proc.send_signal(15)  # the kubelet's SIGTERM to PID 1
+            launch.proc.send_signal(signal.SIGTERM)  # the kubelet's SIGTERM to PID 1
             flushed = wait_exit(launch, pod.grace) and any(e["event"] == SAVED for e in launch.events.read())
         report.preemptions += 1
         report.flushed_in_grace += flushed
@@ -176,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root or Path(tempfile.mkdtemp(prefix="prefix-simulate-"))
     try:
         report = run(args.preemptions, args.seed, root, args.source, args.train_args or None)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ChaosError as e:
+        print(f"simulate: {e}", file=sys.stderr)
+        return 1
     print(report)
     return 0 if report.ok else 1
 

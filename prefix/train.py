@@ -61,10 +61,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     # Imported here: streaming and the model are not needed to decide "already finished".
+    from prefix.data.leftovers import clean_node
     from prefix.data.loader import TrainStream, ValStream, check_vocab, resolve_data_root
     from prefix.model import GPT
     from prefix.trainer import Trainer
 
+    clean_node(world, log)  # before any dataset: streaming's shared memory of killed runs
     root = resolve_data_root(cfg, log)
     check_vocab(root, cfg.model.vocab_size)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank

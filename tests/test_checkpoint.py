@@ -9,7 +9,6 @@ inside the files themselves (truncation).
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -223,15 +222,10 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused(tmp_path):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmp_path, tmpfs):
     """A 160 KiB tmpfs: room for two checkpoints of the size below, not for a third during its write."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
-    yield mount / "checkpoints"
-    subprocess.run(["umount", str(mount)], check=True)
+    tmpfs(tmp_path / "disk", 160)
+    return tmp_path / "disk" / "checkpoints"
 
 
 def test_a_save_that_fills_the_disk_fails_cleanly_and_keeps_the_last_checkpoint(small_disk):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -49,33 +48,14 @@ def test_corrupted_latest_falls_back_to_prev_and_ends_bit_identical(tmp_path):
     assert_same_weights(checkpoint(run_dir)["model"], finished)
 
 
-@pytest.fixture
-def small_mount(tmp_path):
-    """A tmpfs mounted where a run's checkpoints go; resize(kib) changes its size."""
-    mounted = []
-
-    def mount(path, kib: int) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        opts = f"size={kib}k" if path not in mounted else f"remount,size={kib}k"
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
-        if path not in mounted:
-            mounted.append(path)
-
-    yield mount
-    for path in mounted:
-        subprocess.run(["umount", str(path)], check=True)
-
-
-def test_full_disk_keeps_training_then_exits_2_naming_the_resume_step(tmp_path, small_mount):
+def test_full_disk_keeps_training_then_exits_2_naming_the_resume_step(tmp_path, tmpfs):
     baseline = tmp_path / "roomy"
     assert run(train_cmd(2, "roomy", tmp_path)).returncode == 0
     folder = baseline / "checkpoints"
     one_save = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith(("latest", "manifest-40")))
     # Room for two checkpoints (latest + prev) but not a third while it is written.
     checkpoints = tmp_path / "full" / "checkpoints"
-    small_mount(checkpoints, int(2.5 * one_save / 1024) + 16)
+    tmpfs(checkpoints, int(2.5 * one_save / 1024) + 16)
 
     cmd = train_cmd(2, "full", tmp_path)
     first = run(cmd)
@@ -87,7 +67,7 @@ def test_full_disk_keeps_training_then_exits_2_naming_the_resume_step(tmp_path, 
     assert checkpoint(tmp_path / "full")["step"] == 20
     assert not list(checkpoints.glob("*.tmp"))
 
-    small_mount(checkpoints, 16 * 1024)  # the volume is grown; the restart picks up at step 20
+    tmpfs(checkpoints, 16 * 1024)  # the volume is grown; the restart picks up at step 20
     second = run(cmd)
     assert second.returncode == 0, second.stderr[-3000:]
     assert events(tmp_path / "full", "resumed from step 20")

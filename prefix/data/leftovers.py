@@ -18,8 +18,11 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from prefix import distributed
 from prefix.data.compat import streaming
+from prefix.distributed import World
 
 _names = streaming.base.constant
 SHM_DIR = Path("/dev/shm")
@@ -94,3 +97,17 @@ def clean_stale_streaming_state(shm_dir: Path = SHM_DIR,
                 continue
             removed.setdefault(number, []).append(str(path))
     return removed
+
+
+def clean_node(world: World, log: Any) -> None:
+    """Local rank 0 removes the leftovers of killed runs on this host; every rank waits.
+
+    Collective, and called before any StreamingDataset of this job exists: streaming's prefix search
+    on another rank would open stale segments, and an open segment counts as in use.
+    """
+    if world.local_rank == 0:
+        removed = clean_stale_streaming_state()
+        if removed:
+            log.info("removed streaming leftovers of killed runs", prefixes=sorted(removed),
+                     files=sum(map(len, removed.values())))
+    distributed.barrier(world)

@@ -15,7 +15,6 @@ Streaming facts this module is built around:
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -24,12 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from prefix.config import Config
 from prefix.data.compat import StreamingDataLoader, StreamingDataset
 from prefix.data.corpus import MANIFEST, default_cache_dir, ensure_default_corpus
-from prefix.data.leftovers import clean_stale_streaming_state
 from prefix.errors import UserError
 
 
@@ -51,27 +48,8 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def clean_node(log: Any) -> None:
-    """Local rank 0 removes streaming's leftovers of killed runs on this host; every rank waits.
-
-    Runs before any StreamingDataset of this job exists: streaming's prefix search on another
-    rank would open stale segments, and an open segment counts as in use. A collective.
-    """
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        removed = clean_stale_streaming_state()
-        if removed:
-            log.info("removed streaming leftovers of killed runs", prefixes=sorted(removed),
-                     files=sum(map(len, removed.values())))
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # as streaming's own barriers: the process group has no World here
-
-
 def resolve_data_root(cfg: Config, log: Any) -> Path:
-    """Folder (local cache) holding the split folders; builds the default corpus if none is set.
-
-    Every rank calls it once, before any dataset: it starts with `clean_node`.
-    """
-    clean_node(log)
+    """Folder (local cache) holding the split folders; builds the default corpus if none is set."""
     d = cfg.data
     if d.local is None:
         start, cache = time.monotonic(), default_cache_dir(d.cache_dir)
