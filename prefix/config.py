@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,11 +34,32 @@ class RunConfig:
 
 
 @dataclass
+class StreamConfig:
+    """One dataset of a mixture (`data.streams`); at most one of proportion, repeat, choose."""
+
+    local: str | None = None
+    """Dataset folder (train/ and val/ splits), or with `remote` the cache of it."""
+    remote: str | None = None
+    proportion: float | None = None
+    """Relative weight in the mixture; streaming normalises the proportions."""
+    repeat: float | None = None
+    """Draw this many times the stream's samples per epoch (0.5: half of them)."""
+    choose: int | None = None
+    """Draw exactly this many of the stream's samples per epoch."""
+
+
+@dataclass
 class DataConfig:
     local: str | None = None
     """Folder of MDS shards (with train/ and val/ splits). Unset: the embedded default corpus."""
     remote: str | None = None
     """Where streaming downloads shards from into `local` (object store URL or folder)."""
+    streams: list[StreamConfig] = field(default_factory=list)
+    """A mixture of datasets instead of local/remote; recorded in every checkpoint."""
+    cache_limit: str | None = None
+    """Bound on the local cache of remote data, e.g. 50gb; streaming evicts shards to stay under it."""
+    validate_hash: str | None = None
+    """Check downloaded shards against index.json with this hash (sha1, xxh64, ...); a bad one stops the run."""
     train_split: str = "train"
     val_split: str = "val"
     num_workers: int = 1
@@ -128,7 +150,6 @@ class Config:
 
 SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "model": ModelConfig,
                              "trainer": TrainerConfig, "checkpoint": CheckpointConfig}
-_HINTS = {name: typing.get_type_hints(cls) for name, cls in SECTIONS.items()}
 
 
 def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
@@ -160,6 +181,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif typing.get_origin(hint) is list:
+        if isinstance(value, list):
+            return [_coerce(f"{key}[{i}]", item, args[0]) for i, item in enumerate(value)]
+    elif dataclasses.is_dataclass(hint):
+        if isinstance(value, dict):
+            return _fill(hint(), value, key)
     name = getattr(hint, "__name__", str(hint))
     raise ConfigError(f"{key}: expected {name}, got {value!r}; set it to a valid {name}")
 
@@ -177,15 +204,20 @@ def from_dict(raw: dict[str, Any]) -> Config:
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
-        target = getattr(cfg, section)
-        hints = _HINTS[section]
-        for key, value in values.items():
-            if key not in hints:
-                raise ConfigError(f"{section}.{key}: unknown key{_did_you_mean(key, hints)}; "
-                                  f"valid keys are {', '.join(hints)}")
-            setattr(target, key, _coerce(f"{section}.{key}", value, hints[key]))
+        _fill(getattr(cfg, section), values, section)
     validate(cfg)
     return cfg
+
+
+def _fill(target: Any, values: dict[str, Any], where: str) -> Any:
+    """Set the dataclass `target`'s fields from `values`, rejecting unknown keys."""
+    hints = typing.get_type_hints(type(target))
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{where}.{key}: unknown key{_did_you_mean(key, hints)}; "
+                              f"valid keys are {', '.join(hints)}")
+        setattr(target, key, _coerce(f"{where}.{key}", value, hints[key]))
+    return target
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -270,8 +302,39 @@ def validate(cfg: Config) -> None:
     _require(0 < d.val_fraction < 1, "data.val_fraction", "must be between 0 and 1")
     _require(d.remote is None or d.local is not None, "data.local",
              "must be set when data.remote is set (it is the local cache of the remote)")
+    _require(not (d.streams and (d.local or d.remote)), "data.streams",
+             "replaces data.local and data.remote; move them into the streams list")
+    for i, s in enumerate(d.streams):
+        key = f"data.streams[{i}]"
+        _require(s.local is not None, f"{key}.local", "must be set (the dataset folder, or the cache of its remote)")
+        weights = [w for w in (s.proportion, s.repeat, s.choose) if w is not None]
+        _require(len(weights) <= 1, key, "set at most one of proportion, repeat and choose")
+        _require(all(w >= 0 for w in weights), key, "proportion, repeat and choose must be 0 or more")
+    if d.streams:
+        given = [s.proportion is not None for s in d.streams]
+        _require(all(given) or not any(given), "data.streams",
+                 "give every stream a proportion, or none (then use repeat/choose, or neither)")
+    remotes = [s.remote for s in d.streams] if d.streams else [d.remote]
+    _require(d.cache_limit is None or all(remotes), "data.cache_limit",
+             "applies to the cache of remote data only (streaming would delete local-only shards); "
+             "unset it or give every dataset a remote")
+    _require(d.cache_limit is None or parse_size(d.cache_limit) is not None, "data.cache_limit",
+             f"{d.cache_limit!r} is not a size; write it like 50gb, 512mb or a number of bytes")
+    _require(d.validate_hash in (None, "sha1", "sha224", "sha256", "sha384", "sha512", "sha3_224", "sha3_256",
+                                 "sha3_384", "sha3_512", "md5", "xxh32", "xxh64", "xxh128", "xxh3_64",
+                                 "xxh3_128"),
+             "data.validate_hash", "must be unset or a hash streaming knows, e.g. sha1 or xxh64")
     _require(c.every_steps >= 0, "checkpoint.every_steps", "must be 0 (off) or positive")
     _require(c.every_seconds >= 0, "checkpoint.every_seconds", "must be 0 (off) or positive")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
+
+
+def parse_size(text: str | int) -> int | None:
+    """Bytes in a size like 50gb, 512mb or 1000 (streaming's notation: powers of 1024), else None."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?b?)\s*", str(text).lower())
+    return int(float(match[1]) * _UNITS[match[2]]) if match and match[2] in _UNITS else None
 
 
 def check_world(cfg: Config, world_size: int) -> int:

@@ -16,7 +16,7 @@ PROTECTED = (
     "run.seed",
     "model.vocab_size", "model.seq_len", "model.n_layer", "model.n_head", "model.d_model", "model.mlp_hidden",
     "model.rope_theta", "model.norm_eps",
-    "data.local", "data.remote", "data.train_split", "data.shuffle", "data.shuffle_seed", "data.shuffle_algo",
+    "data.local", "data.remote", "data.streams", "data.train_split", "data.shuffle", "data.shuffle_seed", "data.shuffle_algo",
     "data.num_canonical_nodes", "data.shuffle_block_size",
     "trainer.global_batch_size", "trainer.optimizer",
 )
@@ -40,7 +40,8 @@ def changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any]]:
 def check(saved: dict[str, Any], now: dict[str, Any], step: int, allow: bool) -> dict[str, list[Any]]:
     """The changes to record; raises if one would corrupt the run and `allow` is not set."""
     diff = changes(saved, now)
-    refused = [key for key in PROTECTED if key in diff]
+    # With a remote, data.local is only where its cache lives: a pod on another node may move it.
+    refused = [key for key in PROTECTED if key in diff and not (key == "data.local" and now["data"]["remote"])]
     if refused and not allow:
         listed = ", ".join(f"{key} {diff[key][0]!r} → {diff[key][1]!r}" for key in refused)
         raise ConfigDrift(f"config: resuming the checkpoint of step {step} with {listed} would corrupt the run; "

@@ -61,21 +61,23 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     # Imported here: streaming and the model are not needed to decide "already finished".
+    from prefix.data import streams
     from prefix.data.leftovers import clean_node
-    from prefix.data.loader import TrainStream, ValStream, check_vocab, resolve_data_root
+    from prefix.data.loader import TrainStream, ValStream
     from prefix.model import GPT
     from prefix.trainer import Trainer
 
     clean_node(world, log)  # before any dataset: streaming's shared memory of killed runs
-    root = resolve_data_root(cfg, log)
-    check_vocab(root, cfg.model.vocab_size)
+    sources = streams.resolve(cfg, world, log)
+    streams.check_vocab(sources, cfg.model.vocab_size)
+    tokenizer = streams.tokenizer(sources)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = GPT(cfg.model).to(world.device)
     seed_everything(cfg.run.seed + world.rank)  # then one RNG stream per rank
-    train = TrainStream(cfg, root, accum)
+    train = TrainStream(cfg, sources, accum)
     trainer = None
     try:
-        val = ValStream(cfg, root) if cfg.trainer.eval_every else None
+        val = ValStream(cfg, sources) if cfg.trainer.eval_every else None
 
         distributed.on_main(world, run_dir.create)  # from here on the run directory is written
         log = setup_logging(world.rank, run_dir.logs)
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             restarts = run_dir.record_start(cfg.to_dict(), start_step, world.world_size, changes)
             log.info("starting", run=str(run_dir.path), world_size=world.world_size, accum=accum,
                      restarts=restarts, device=str(world.device), config_changes=changes or None)
-        trainer = Trainer(cfg, world, model, train, val, checkpointer, Preemption(), run_dir, log)
+        trainer = Trainer(cfg, world, model, train, val, tokenizer, checkpointer, Preemption(), run_dir, log)
         if state is not None:
             trainer.load_state_dict(state)
             if rank_state is not None:

@@ -19,8 +19,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from prefix import distributed
 from prefix.checkpoint import Checkpointer, rng_state
 from prefix.config import Config, TrainerConfig
-from prefix.data.corpus import decode, encode
 from prefix.data.loader import TrainStream, ValStream
+from prefix.data.tokenizers import Tokenizer
 from prefix.distributed import World
 from prefix.errors import UserError
 from prefix.model import GPT, param_groups
@@ -53,14 +53,15 @@ def build_optimizer(model: GPT, t: TrainerConfig) -> torch.optim.Optimizer:
 
 class Trainer:
     def __init__(self, cfg: Config, world: World, model: GPT, train: TrainStream, val: ValStream | None,
-                 checkpointer: Checkpointer, preemption: Preemption, run_dir: RunDir, log: Any):
+                 tokenizer: Tokenizer | None, checkpointer: Checkpointer, preemption: Preemption,
+                 run_dir: RunDir, log: Any):
         t = cfg.trainer
         self.cfg, self.world, self.raw = cfg, world, model
         self.model = DDP(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None) \
             if world.distributed else model
         self.optimizer = build_optimizer(model, t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, t=t))
-        self.train, self.val = train, val
+        self.train, self.val, self.tokenizer = train, val, tokenizer
         self.checkpointer, self.preemption = checkpointer, preemption
         self.metrics = Metrics(run_dir.metrics, enabled=world.is_main)
         self.samples = open(run_dir.metrics / f"samples_rank{world.rank}.jsonl", "a") \
@@ -72,7 +73,8 @@ class Trainer:
         self.grad_norm = torch.zeros(())
         self.skipped_steps = 0  # updates skipped for a non-finite loss, over the whole run
         self.skips_in_a_row = 0
-        self._last_log = (time.perf_counter(), 0)
+        self._last_log = (time.perf_counter(), 0, 0)
+        self.data_wait = 0.0  # seconds spent waiting for batches since the last log line
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -142,7 +144,9 @@ class Trainer:
                 if t.eval_every and self.val and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     self.evaluate()
         self.log.info("training finished", step=self.step, tokens_seen=self.tokens_seen)
-        if t.sample_tokens and self.world.is_main:
+        if t.sample_tokens and self.world.is_main and self.tokenizer is None:
+            self.log.warning("no sample: the dataset does not say which tokenizer made it")
+        elif t.sample_tokens and self.world.is_main:
             text = self.generate(t.sample_prompt, t.sample_tokens)
             self.log.debug("sample", text=text)  # JSON log only; people get it verbatim below
             print(f"--- sample from the trained model ---\n{text}\n---", flush=True)
@@ -151,7 +155,9 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         device, loss_sum, indices = self.world.device, torch.zeros((), device=self.world.device), []
         for micro in range(self.accum):
+            waited = time.perf_counter()
             batch = self.train.next()
+            self.data_wait += time.perf_counter() - waited
             last = micro == self.accum - 1
             with nullcontext() if last or not self.world.distributed else self.model.no_sync():
                 _, loss = self.model(batch.inputs.to(device, non_blocking=True),
@@ -199,14 +205,18 @@ class Trainer:
     def log_step(self, loss: torch.Tensor) -> None:
         (loss_total,) = distributed.all_sum(self.world, [loss.item()])
         now, tokens = time.perf_counter(), self.tokens_seen
-        last_time, last_tokens = self._last_log
-        self._last_log = (now, tokens)
+        last_time, last_tokens, last_step = self._last_log
+        self._last_log = (now, tokens, self.step)
+        elapsed, steps = max(now - last_time, 1e-9), max(self.step - last_step, 1)
         values = {"loss": loss_total / self.world.world_size, "lr": self.optimizer.param_groups[0]["lr"],
                   "grad_norm": float(self.grad_norm), "tokens_seen": tokens, "skipped_steps": self.skipped_steps,
-                  "tokens_per_sec": (tokens - last_tokens) / max(now - last_time, 1e-9)}
+                  "tokens_per_sec": (tokens - last_tokens) / elapsed,
+                  "step_time": elapsed / steps, "data_wait": self.data_wait / steps}
+        self.data_wait = 0.0
         self.metrics.write("train", self.step, **values)
         self.log.info("step", step=self.step, loss=round(values["loss"], 4), lr=f"{values['lr']:.2e}",
-                      tok_s=round(values["tokens_per_sec"]))
+                      tok_s=round(values["tokens_per_sec"]),
+                      data_wait_pct=round(100 * values["data_wait"] / values["step_time"], 2))
 
     @torch.no_grad()
     def evaluate(self) -> None:
@@ -220,15 +230,17 @@ class Trainer:
         self.raw.train()
         total, count = distributed.all_sum(self.world, [total, count])
         val_loss = total / max(count, 1)
-        bpb = val_loss / math.log(2)  # byte-level tokens: one token per byte (EOD counted as one)
-        self.metrics.write("eval", self.step, val_loss=val_loss, val_bpb=bpb)
-        self.log.info("eval", step=self.step, val_loss=round(val_loss, 4), val_bpb=round(bpb, 4))
+        extra = {}
+        if self.tokenizer is not None and self.tokenizer.kind == "bytes":  # one token per byte (EOD too)
+            extra["val_bpb"] = val_loss / math.log(2)
+        self.metrics.write("eval", self.step, val_loss=val_loss, **extra)
+        self.log.info("eval", step=self.step, val_loss=round(val_loss, 4), **{k: round(v, 4) for k, v in extra.items()})
 
     def generate(self, prompt: str, tokens: int) -> str:
-        ids = torch.tensor(encode(prompt)[:-1], dtype=torch.long, device=self.world.device)[None]
+        ids = torch.tensor(self.tokenizer.encode(prompt), dtype=torch.long, device=self.world.device)[None]
         gen = torch.Generator(device=self.world.device).manual_seed(self.cfg.run.seed)
         out = self.raw.generate(ids, tokens, temperature=0.8, top_k=40, generator=gen)
-        return decode(out[0].tolist())
+        return self.tokenizer.decode(out[0].tolist())
 
     def close(self) -> None:
         self.metrics.close()

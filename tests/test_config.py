@@ -36,11 +36,28 @@ def test_overrides_are_typed_and_applied():
     (["model.d_model=100", "model.n_head=3"], "model.d_model"),
     (["data.remote=s3://bucket/x"], "data.local: must be set when data.remote is set"),
     (["max_steps=3"], "overrides look like section.key=value"),
+    (["data.streams=[{local: /a, weight: 1}]"], "data.streams[0].weight: unknown key"),
+    (["data.streams=[{local: /a, proportion: many}]"], "data.streams[0].proportion: expected float"),
+    (["data.streams=/a"], "data.streams: expected list"),
+    (["data.streams=[{remote: s3://b/x}]"], "data.streams[0].local: must be set"),
+    (["data.streams=[{local: /a, proportion: 1, repeat: 2}]"], "set at most one of proportion, repeat and choose"),
+    (["data.streams=[{local: /a, proportion: 1}, {local: /b}]"], "give every stream a proportion, or none"),
+    (["data.streams=[{local: /a}]", "data.local=/b"], "data.streams: replaces data.local and data.remote"),
+    (["data.local=/a", "data.cache_limit=50gb"], "data.cache_limit: applies to the cache of remote data only"),
+    (["data.local=/a", "data.remote=/r", "data.cache_limit=lots"], "data.cache_limit: 'lots' is not a size"),
+    (["data.validate_hash=crc"], "data.validate_hash: must be unset or a hash streaming knows"),
 ])
 def test_bad_values_name_the_key_and_the_fix(overrides, fragment):
     with pytest.raises(ConfigError) as err:
         config.load(TINY, overrides)
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_streams_are_typed_dataclasses():
+    cfg = config.load(TINY, ["data.streams=[{local: /a, proportion: 3}, {local: /c, remote: s3://b/c, proportion: 1}]"])
+    assert [(s.local, s.remote, s.proportion) for s in cfg.data.streams] == [("/a", None, 3.0), ("/c", "s3://b/c", 1.0)]
+    cfg = config.load(TINY, ["data.local=/c", "data.remote=gs://b/c", "data.cache_limit=1.5gb"])
+    assert config.parse_size(cfg.data.cache_limit) == int(1.5 * 1024**3)
 
 
 def test_global_batch_must_split_over_the_world():

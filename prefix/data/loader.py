@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import signal
-import time
+import sys
+from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,16 +26,33 @@ import torch
 
 from prefix.config import Config
 from prefix.data.compat import StreamingDataLoader, StreamingDataset
-from prefix.data.corpus import MANIFEST, default_cache_dir, ensure_default_corpus
+from prefix.data.streams import Source, check_shards, remove_corrupt_shards
 from prefix.errors import UserError
 
 
 class IndexedDataset(StreamingDataset):
-    """Yields `tokens` as int64 and the sample's dataset `index`, so the order can be audited."""
+    """Yields `tokens` as int64 and the sample's dataset `index`, so the order can be audited.
+
+    Token ids stored as `bytes` are little-endian int64, as llm-foundry's converters write them.
+    """
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
-        sample = super().get_item(sample_id, retry)
-        return {"tokens": np.asarray(sample["tokens"], dtype=np.int64), "index": sample_id}
+        tokens = super().get_item(sample_id, retry)["tokens"]
+        if isinstance(tokens, bytes):
+            tokens = np.frombuffer(tokens, dtype="<i8")
+        return {"tokens": np.asarray(tokens, dtype=np.int64), "index": sample_id}
+
+    def on_exception(self, future: Future) -> None:
+        """A download thread failed: streaming ends the epoch; say why in one line, not a traceback.
+
+        streaming re-raises inside a future's callback, which only logs a traceback and changes
+        nothing else; the short epoch it causes is what stops the run (see TrainStream).
+        """
+        exception = future.exception()
+        if exception is not None:
+            self._event.set()
+            print(f"streaming: a download thread failed: {type(exception).__name__}: {exception}",
+                  file=sys.stderr, flush=True)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -48,56 +65,34 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def resolve_data_root(cfg: Config, log: Any) -> Path:
-    """Folder (local cache) holding the split folders; builds the default corpus if none is set."""
+def _dataset(cfg: Config, sources: list[Source], split: str, shuffle: bool) -> IndexedDataset:
     d = cfg.data
-    if d.local is None:
-        start, cache = time.monotonic(), default_cache_dir(d.cache_dir)
-        try:
-            root, built = ensure_default_corpus(cache, cfg.model.seq_len, d.val_fraction)
-        except OSError as e:
-            raise UserError(f"data.cache_dir: cannot build the default corpus in {cache} ({e.strerror}); "
-                            "set data.cache_dir or PREFIX_CACHE_DIR to a writable folder") from None
-        if built:
-            log.info("built the default corpus", path=str(root), seconds=round(time.monotonic() - start, 1))
-        return root
-    root = Path(d.local).expanduser()
-    if d.remote is None and not (root / d.train_split / "index.json").is_file():
-        raise UserError(f"data.local: no MDS dataset at {root / d.train_split} (index.json missing); "
-                        "point data.local at a folder with train/ and val/ splits, or unset it "
-                        "to use the default corpus")
-    return root
-
-
-def check_vocab(root: Path, vocab_size: int) -> None:
-    manifest = root / MANIFEST
-    if manifest.is_file():
-        needed = json.loads(manifest.read_text()).get("vocab_size", 0)
-        if needed > vocab_size:
-            raise UserError(f"model.vocab_size: {vocab_size} cannot hold this dataset's token ids "
-                            f"(its tokenizer needs {needed}); set model.vocab_size={needed} or more")
-
-
-def _dataset(cfg: Config, root: Path, split: str, shuffle: bool) -> IndexedDataset:
-    d = cfg.data
-    remote = None if d.remote is None else f"{d.remote.rstrip('/')}/{split}"
-    if remote is None and not (root / split / "index.json").is_file():
-        raise UserError(f"data: split '{split}' not found under {root}; add it or change "
-                        f"data.{'train' if split == d.train_split else 'val'}_split")
+    where = sources[0].key if len(sources) == 1 else "data.streams"
+    for source in sources:
+        if source.remote is None and not (source.root / split / "index.json").is_file():
+            raise UserError(f"{source.key}: split '{split}' not found under {source.root}; add it or change "
+                            f"data.{'train' if split == d.train_split else 'val'}_split")
     try:
         ds = IndexedDataset(
-            local=str(root / split), remote=remote, batch_size=cfg.trainer.micro_batch_size,
+            streams=[s.stream(split) for s in sources], batch_size=cfg.trainer.micro_batch_size,
             shuffle=shuffle, shuffle_seed=cfg.run.seed if d.shuffle_seed is None else d.shuffle_seed,
             shuffle_algo=d.shuffle_algo, shuffle_block_size=d.shuffle_block_size,
-            num_canonical_nodes=d.num_canonical_nodes,
+            num_canonical_nodes=d.num_canonical_nodes, cache_limit=d.cache_limit, validate_hash=d.validate_hash,
         )
     except (json.JSONDecodeError, KeyError) as e:  # an empty or damaged index.json
-        raise UserError(f"data: {root / split}/index.json is not a readable MDS index ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]}); rebuild the dataset") from None
-    width = len(ds[0]["tokens"])
-    if width < cfg.model.seq_len + 1:
-        raise UserError(f"model.seq_len: {cfg.model.seq_len} needs samples of {cfg.model.seq_len + 1} "
-                        f"tokens but {root / split} holds {width}; lower model.seq_len or rebuild the data")
+        raise UserError(f"data: {where} ({split}): index.json is not a readable MDS index "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); rebuild the dataset") from None
+    except ValueError as e:
+        if "cache limit" not in str(e).lower():
+            raise
+        raise UserError(f"data.cache_limit: {d.cache_limit} is too small for {where} "
+                        f"({str(e).split('. ')[0]}); raise it") from None
+    check_shards(ds, f"{where} ({split})", d.validate_hash)
+    for offset in ds.sample_offset_per_stream:
+        width = len(ds[int(offset)]["tokens"])
+        if width < cfg.model.seq_len + 1:
+            raise UserError(f"model.seq_len: {cfg.model.seq_len} needs samples of {cfg.model.seq_len + 1} "
+                            f"tokens but {where} ({split}) holds {width}; lower model.seq_len or rebuild the data")
     return ds
 
 
@@ -108,8 +103,15 @@ class Batch:
     index: torch.Tensor
 
     @classmethod
-    def of(cls, sample: dict[str, torch.Tensor], seq_len: int) -> Batch:
+    def of(cls, sample: dict[str, torch.Tensor], seq_len: int, vocab_size: int) -> Batch:
+        """Crop to seq_len + 1 ids; an id the model has no embedding for stops the run here, on the CPU."""
         tokens = sample["tokens"][:, : seq_len + 1]
+        low, high = torch.aminmax(tokens)
+        if low < 0 or high >= vocab_size:
+            bad = int(high) if high >= vocab_size else int(low)
+            raise UserError(f"data: a sample holds token id {bad}, outside model.vocab_size={vocab_size}; "
+                            f"set model.vocab_size to at least {int(high) + 1}, or use data made with the "
+                            "model's tokenizer")
         return cls(tokens[:, :-1], tokens[:, 1:], sample["index"])
 
 
@@ -123,9 +125,10 @@ def _end_epoch(iterator, dataset: StreamingDataset) -> None:
 class TrainStream:
     """Micro-batches for one rank, epoch after epoch, with an exact, resumable position."""
 
-    def __init__(self, cfg: Config, root: Path, accum: int):
-        self.seq_len = cfg.model.seq_len
-        self.dataset = _dataset(cfg, root, cfg.data.train_split, cfg.data.shuffle)
+    def __init__(self, cfg: Config, sources: list[Source], accum: int):
+        self.seq_len, self.vocab_size = cfg.model.seq_len, cfg.model.vocab_size
+        self.validate_hash = cfg.data.validate_hash
+        self.dataset = _dataset(cfg, sources, cfg.data.train_split, cfg.data.shuffle)
         self.loader = StreamingDataLoader(
             self.dataset, batch_size=cfg.trainer.micro_batch_size, num_workers=cfg.data.num_workers,
             worker_init_fn=_ignore_stop_signals if cfg.data.num_workers else None,
@@ -171,11 +174,21 @@ class TrainStream:
         try:
             sample = next(self._it)
         except StopIteration:
-            raise UserError(f"data: epoch {self.epoch} ended after {self.consumed} of "
-                            f"{self.micro_per_epoch} micro-batches on this rank; a shard is missing "
-                            "or failed validation, so check or rebuild the dataset") from None
+            raise self._short_epoch() from None
         self.consumed += 1
-        return Batch.of(sample, self.seq_len)
+        return Batch.of(sample, self.seq_len, self.vocab_size)
+
+    def _short_epoch(self) -> UserError:
+        """streaming ends an epoch early when a shard cannot be had; say which, if we can tell."""
+        where = f"data: epoch {self.epoch} ended after {self.consumed} of {self.micro_per_epoch} micro-batches"
+        bad = remove_corrupt_shards(self.dataset, self.validate_hash)
+        if bad:
+            return UserError(f"{where}: {len(bad)} downloaded shard(s) failed data.validate_hash="
+                             f"{self.validate_hash} ({', '.join(bad[:3])}) and were removed from the cache; "
+                             "a restart downloads them again, and if it fails again the remote copy is "
+                             "damaged: rebuild it")
+        return UserError(f"{where} on this rank; a shard is missing, unreadable or failed validation "
+                         "(see streaming's message above), so check or rebuild the dataset")
 
     def _close_iterator(self) -> None:
         if self._it is not None:
@@ -189,10 +202,11 @@ class TrainStream:
 class ValStream:
     """The first `eval_batches` micro-batches of this rank's share of the validation split."""
 
-    def __init__(self, cfg: Config, root: Path):
-        self.seq_len = cfg.model.seq_len
+    def __init__(self, cfg: Config, sources: list[Source]):
+        self.seq_len, self.vocab_size = cfg.model.seq_len, cfg.model.vocab_size
         self.batches = cfg.trainer.eval_batches
-        self.dataset = _dataset(cfg, root, cfg.data.val_split, shuffle=False)
+        # A mixture is shuffled so that the first batches represent every stream; still deterministic.
+        self.dataset = _dataset(cfg, sources, cfg.data.val_split, shuffle=len(sources) > 1)
         self.loader = StreamingDataLoader(self.dataset, batch_size=cfg.trainer.micro_batch_size,
                                           num_workers=0)
 
@@ -200,6 +214,6 @@ class ValStream:
         it = iter(self.loader)
         try:
             for _, sample in zip(range(self.batches), it, strict=False):
-                yield Batch.of(sample, self.seq_len)
+                yield Batch.of(sample, self.seq_len, self.vocab_size)
         finally:
             _end_epoch(it, self.dataset)
