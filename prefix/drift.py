@@ -48,3 +48,12 @@ def check(saved: dict[str, Any], now: dict[str, Any], step: int, allow: bool) ->
                           "restore those values, start a new --run-name, or pass --allow-config-change "
                           "to resume with them on purpose")
     return diff
+
+
+def check_data_versions(saved: list[str | None] | None, now: list[str | None], step: int, allow: bool) -> None:
+    """A remote dataset rewritten since the checkpoint would be read in another order: refuse it."""
+    if saved is None or saved == now or allow:
+        return
+    raise ConfigDrift(f"data.remote: the dataset changed since the checkpoint of step {step} (version "
+                      f"{saved} → {now}); restore it, start a new --run-name, or pass --allow-config-change "
+                      "to go on with the new data")

@@ -71,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     sources = streams.resolve(cfg, world, log)
     streams.check_vocab(sources, cfg.model.vocab_size)
     tokenizer = streams.tokenizer(sources)
+    if state is not None and state.get("dataloader"):
+        drift.check_data_versions(state["dataloader"].get("versions"), [s.version for s in sources], start_step,
+                                  args.allow_config_change)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = GPT(cfg.model).to(world.device)
     seed_everything(cfg.run.seed + world.rank)  # then one RNG stream per rank

@@ -73,6 +73,8 @@ def test_cache_is_reused_and_a_rewritten_remote_gets_a_new_one(tmp_path: Path) -
     shutil.rmtree(bucket)
     dataset(bucket, train=64, size_limit=1 << 12, seed=2)  # same layout, other content
     assert version(bucket) != old
+    resumed = run(train_cmd(0, "a", tmp_path / "runs", *quick, "trainer.max_steps=12"))
+    assert_clean_exit_2(resumed, "data.remote: the dataset changed since the checkpoint of step 8")
     assert run(train_cmd(0, "c", tmp_path / "runs", *quick)).returncode == 0
     assert shards(cache / version(bucket)), "the new version is downloaded into a cache of its own"
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards(cache / old)} == cached

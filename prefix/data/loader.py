@@ -128,6 +128,7 @@ class TrainStream:
     def __init__(self, cfg: Config, sources: list[Source], accum: int):
         self.seq_len, self.vocab_size = cfg.model.seq_len, cfg.model.vocab_size
         self.validate_hash = cfg.data.validate_hash
+        self.versions = [s.version for s in sources]
         self.dataset = _dataset(cfg, sources, cfg.data.train_split, cfg.data.shuffle)
         self.loader = StreamingDataLoader(
             self.dataset, batch_size=cfg.trainer.micro_batch_size, num_workers=cfg.data.num_workers,
@@ -157,12 +158,13 @@ class TrainStream:
         self.consumed = state["sample_in_epoch"] // self.global_batch * self.accum
 
     def state_dict(self) -> dict[str, Any] | None:
+        """streaming's position, plus the versions of remote datasets (checked on resume)."""
         if self._it is None:
-            return self._state
+            return None if self._state is None else {**self._state, "versions": self.versions}
         state = self.loader.state_dict()
         if self.consumed == self.micro_per_epoch:  # the epoch is done: resume at the next one
             state.update(epoch=self.epoch + 1, sample_in_epoch=0)
-        return state
+        return {**state, "versions": self.versions}
 
     def next(self) -> Batch:
         if self.consumed == self.micro_per_epoch:
