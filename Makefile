@@ -3,7 +3,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 export PREFIX_CACHE_DIR ?= $(CURDIR)/.cache/prefix
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test bench lint clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Throughput ratios measured side by side (a few minutes): see docs/data.md#benchmark.
+bench: install
+	$(PY) bench/data_throughput.py
 
 lint: install
 	.venv/bin/ruff check .

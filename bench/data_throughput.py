@@ -19,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+# Nothing heavy at the top: prepare's worker processes are spawned and import this script again.
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
 
@@ -46,6 +45,8 @@ def loader_vs_loop(micro_batches: int, steps: int) -> tuple[float, float]:
         loader_rate = micro_batches * micro / (time.perf_counter() - start)
     finally:
         train.close()
+
+    import torch
 
     torch.manual_seed(0)
     model = GPT(cfg.model)
@@ -121,7 +122,7 @@ def main() -> None:
     wait, step = data_wait_share(steps=40 * n)
     print(f"demo.yaml, 2 ranks: data_wait {1000 * wait:.2f} ms of {1000 * step:.1f} ms per step "
           f"= {100 * wait / step:.2f} % of step time (target < 1 %)")
-    for name, by_workers in prepare_rates(megabytes=4 * n).items():
+    for name, by_workers in prepare_rates(megabytes=10 * n).items():
         print(f"prepare ({name}): 1 worker {by_workers[1]:,.0f} tokens/s, 2 workers {by_workers[2]:,.0f} "
               f"tokens/s: 2 / 1 = {by_workers[2] / by_workers[1]:.2f}x")
 

@@ -7,7 +7,10 @@ import sys
 
 COMMANDS = {"train": "train a model, resuming the run if it exists (see `prefix train --help`)",
             "chaos": "kill a 2-rank run at random until it completes; compare with an uninterrupted one",
-            "simulate": "run the Kubernetes Job's container command here and play preemptions and reschedules"}
+            "simulate": "run the Kubernetes Job's container command here and play preemptions and reschedules",
+            "data": "prepare datasets from text or token files, train tokenizers (see `prefix data --help`)"}
+MODULES = {"data": "prefix.data.commands"}
+"""Commands whose module is not `prefix.<command>`."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
         usage = "\n".join(f"  {name:9} {text}" for name, text in COMMANDS.items())
         print(f"usage: prefix COMMAND [ARGS]\n\ncommands:\n{usage}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return importlib.import_module(f"prefix.{argv[0]}").main(argv[1:])  # imported on use: torch is slow
+    module = MODULES.get(argv[0], f"prefix.{argv[0]}")
+    return importlib.import_module(module).main(argv[1:])  # imported on use: torch is slow
 
 
 if __name__ == "__main__":

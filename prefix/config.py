@@ -328,7 +328,8 @@ def validate(cfg: Config) -> None:
     _require(c.every_seconds >= 0, "checkpoint.every_seconds", "must be 0 (off) or positive")
 
 
-_UNITS = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3,
+          "t": 1024**4, "tb": 1024**4}
 
 
 def parse_size(text: str | int) -> int | None:

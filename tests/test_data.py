@@ -9,7 +9,7 @@ import sys
 import numpy as np
 from helpers import REPO
 
-from prefix.data.corpus import EOD, decode, encode, windows, write_corpus
+from prefix.data.corpus import EOD, FORMAT, decode, encode, write_corpus, write_split
 
 
 def test_streaming_imports_through_the_compat_module():
@@ -27,12 +27,18 @@ def test_byte_tokens_round_trip():
     assert decode(ids[:-1]) == text
 
 
-def test_windows_pack_documents_end_to_end():
+def test_split_writer_packs_documents_end_to_end(tmp_path):
+    from prefix.data.compat import streaming
+
+    reader_from_json = streaming.base.format.reader_from_json
     docs = [b"abc", b"defgh", b"ij"]
-    out = list(windows(docs, seq_len=3))
+    assert write_split(docs, tmp_path / "s", seq_len=3) == 3
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    out = [s["tokens"] for shard in index["shards"] for s in reader_from_json(str(tmp_path), "s", shard)]
     stream = np.concatenate([encode(d) for d in docs])
-    assert all(len(w) == 4 for w in out)
-    assert np.array_equal(np.concatenate(out), stream[: len(out) * 4])
+    assert all(len(w) == 4 for w in out) and len(stream) - 12 == 1, "the 1-token tail is dropped"
+    assert np.array_equal(np.concatenate(out), stream[:12])
+    assert index["shards"][0]["hashes"] == ["sha1", "xxh64"]
 
 
 def test_corpus_holds_out_whole_documents(tmp_path):
@@ -40,6 +46,9 @@ def test_corpus_holds_out_whole_documents(tmp_path):
     manifest = write_corpus(docs, tmp_path / "c", seq_len=16, val_fraction=0.1, source="test")
     assert manifest["documents"]["train"] + manifest["documents"]["val"] == 200
     assert 0 < manifest["documents"]["val"] < 60
+    assert manifest["format"] == FORMAT and manifest["vocab_size"] == 257 and manifest["tokenizer"]["kind"] == "bytes"
+    assert all(manifest["samples"][s] * 17 + manifest["dropped_tokens"][s] == manifest["tokens"][s]
+               for s in ("train", "val"))
     assert json.loads((tmp_path / "c" / "manifest.json").read_text()) == manifest
     assert (tmp_path / "c" / "train" / "index.json").is_file() and (tmp_path / "c" / "val" / "index.json").is_file()
 

@@ -6,6 +6,7 @@ assertion is about this test's own files.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -141,7 +142,8 @@ def test_sigkilled_run_with_a_remote_restarts(tmp_path: Path, monkeypatch: pytes
     first = Launch(cmd, tmp_path / "log1")
     first.wait_for_step(tmp_path / "r", 2)
     first.kill_all()
-    stale = registering(tmp_path / "local" / "train")
+    version = json.loads((corpus / "manifest.json").read_text())["content_hash"]
+    stale = registering(tmp_path / "local" / version / "train")
     assert stale, "the killed run left its `locals` behind: without a cleanup the restart would fail"
 
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp2"))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prefix.config import Config
+from prefix.config import Config, parse_size
 from prefix.data.compat import StreamingDataLoader, StreamingDataset
 from prefix.data.streams import Source, check_shards, remove_corrupt_shards
 from prefix.errors import UserError
@@ -77,7 +77,8 @@ def _dataset(cfg: Config, sources: list[Source], split: str, shuffle: bool) -> I
             streams=[s.stream(split) for s in sources], batch_size=cfg.trainer.micro_batch_size,
             shuffle=shuffle, shuffle_seed=cfg.run.seed if d.shuffle_seed is None else d.shuffle_seed,
             shuffle_algo=d.shuffle_algo, shuffle_block_size=d.shuffle_block_size,
-            num_canonical_nodes=d.num_canonical_nodes, cache_limit=d.cache_limit, validate_hash=d.validate_hash,
+            num_canonical_nodes=d.num_canonical_nodes, validate_hash=d.validate_hash,
+            cache_limit=parse_size(d.cache_limit) if d.cache_limit else None,
         )
     except (json.JSONDecodeError, KeyError) as e:  # an empty or damaged index.json
         raise UserError(f"data: {where} ({split}): index.json is not a readable MDS index "

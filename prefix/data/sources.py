@@ -1,0 +1,248 @@
+"""Finding `prefix data prepare`'s inputs and reading documents or token arrays out of each format.
+
+A path that cannot be read at all is a `UserError` raised before any output exists; a single bad
+record (missing field, undecodable, empty) is only counted, so one broken line among millions
+never costs a run. Readers stream: JSON lines line by line, parquet in record batches, token
+arrays as memory maps. Every document carries an identity (its path relative to the input it
+was found under, plus its record number) so the train/val split does not depend on where the
+data happens to live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from prefix.errors import UserError
+
+TEXT_FORMATS = ("txt", "jsonl", "json", "csv", "parquet")
+TOKEN_FORMATS = ("bin", "npy")
+FORMATS = TEXT_FORMATS + TOKEN_FORMATS
+PARQUET_BATCH = 1024
+"""Rows per parquet record batch: a bounded slice of a file is in memory at a time."""
+_UNDECODABLE = object()
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    name: str
+    """Path relative to the input it was found under: the identity its records are split by."""
+    format: str
+    held_out: bool = False
+    """Given with --val: all of it is validation data."""
+
+    @property
+    def tokens(self) -> bool:
+        return self.format in TOKEN_FORMATS
+
+
+@dataclass
+class BadRecords:
+    """Records skipped, by reason. Counted, never fatal (except a field no record of a source has)."""
+
+    missing_field: int = 0
+    undecodable: int = 0
+    empty: int = 0
+
+    def total(self) -> int:
+        return self.missing_field + self.undecodable + self.empty
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _expand(spec: str) -> tuple[Path, list[Path]]:
+    """The base folder names are relative to, and the files of one input (file, folder, or glob)."""
+    path = Path(spec).expanduser()
+    if glob.has_magic(spec) and not path.exists():
+        matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+        files = [p for p in matches if p.is_file()]
+        if not files:
+            raise UserError(f"{spec}: the pattern matches no file; check it (quote it so the shell "
+                            "passes it on unexpanded)")
+        first = next(i for i, part in enumerate(path.parts) if glob.has_magic(part))
+        base = Path(*path.parts[:first]) if first else Path(".")
+        return base, files
+    if path.is_dir():  # hidden files and folders (.git, a prepare's temporary folder) are not data
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix[1:].lower() in FORMATS
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise UserError(f"{spec}: folder has no file ending in .{', .'.join(FORMATS)}; "
+                            "point at the data files")
+        return path, files
+    if not path.exists():
+        raise UserError(f"{spec}: no such file or folder; check the path")
+    return path.parent, [path]
+
+
+def find_sources(inputs: Iterable[str], held_out: bool = False, exclude: Path | None = None) -> list[Source]:
+    """Every file of the inputs but those under `exclude`, in a stable order, checked to be readable."""
+    sources: list[Source] = []
+    for spec in inputs:
+        base, files = _expand(str(spec))
+        for path in files:
+            if exclude is not None and path.resolve().is_relative_to(exclude.resolve()):
+                continue  # a dataset prepared earlier inside its own input folder
+            fmt = path.suffix[1:].lower()
+            if fmt not in FORMATS:
+                raise UserError(f"{path}: unsupported file type {path.suffix or '(no extension)'}; "
+                                f"use .{', .'.join(FORMATS)}")
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise UserError(f"{path}: cannot read it ({e.strerror}); fix its permissions or "
+                                "leave it out") from None
+            sources.append(Source(path, path.relative_to(base).as_posix(), fmt, held_out))
+    return sources
+
+
+def read_documents(source: Source, text_field: str, bad: BadRecords) -> Iterator[tuple[str, str]]:
+    """(identity, text) of every good record of a text source; bad ones are counted in `bad`."""
+    parsed, missing, seen = 0, 0, dict[str, None]()
+    try:
+        for number, record in enumerate(_records(source, text_field)):
+            parsed += record is not _UNDECODABLE
+            if isinstance(record, dict):
+                seen.update(dict.fromkeys(list(record)[:20]) if len(seen) < 20 else {})
+                record = record.get(text_field)
+            if isinstance(record, bytes):
+                try:
+                    record = record.decode()
+                except UnicodeDecodeError:
+                    record = _UNDECODABLE
+            if isinstance(record, str) and not _encodable(record):
+                record = _UNDECODABLE  # lone surrogates: "\ud800" in JSON, broken bytes in CSV
+            if record is _UNDECODABLE:
+                bad.undecodable += 1
+            elif not isinstance(record, str):
+                bad.missing_field += 1
+                missing += 1
+            elif not record:
+                bad.empty += 1
+            else:
+                yield (source.name if source.format == "txt" else f"{source.name}#{number}"), record
+    except OSError as e:
+        raise UserError(f"{source.path}: read failed ({e.strerror or _one_line(e)}); check the file") from None
+    if parsed and missing == parsed:  # a wrong --text-field, not a few bad records
+        raise UserError(f"{source.path}: no record has a string field '{text_field}' (fields seen: "
+                        f"{', '.join(seen) or 'none'}); name the text field with --text-field")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _records(source: Source, text_field: str) -> Iterator[object]:
+    """Raw records: dicts (fields), strings or bytes (the text itself), None, or _UNDECODABLE."""
+    path = source.path
+    if source.format == "txt":
+        yield path.read_bytes()
+    elif source.format == "jsonl":
+        yield from _json_lines(path)
+    elif source.format == "json":
+        data = path.read_bytes()
+        try:
+            whole = json.loads(data)
+        except ValueError:  # not one JSON document: JSON lines, or broken
+            yield from _json_lines(path)
+            return
+        yield from whole if isinstance(whole, list) else [whole]
+    elif source.format == "csv":
+        csv.field_size_limit(sys.maxsize)
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is not None and text_field not in reader.fieldnames:
+                raise UserError(f"{path}: no column '{text_field}' (columns: {', '.join(reader.fieldnames)}); "
+                                "name the text column with --text-field")
+            try:
+                yield from reader
+            except csv.Error as e:
+                raise UserError(f"{path}: not valid CSV at line {reader.line_num} ({e}); fix the file") from None
+    else:
+        yield from _parquet(path, text_field)
+
+
+def _json_lines(path: Path) -> Iterator[object]:
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except ValueError:  # invalid JSON or invalid UTF-8
+                    yield _UNDECODABLE
+
+
+def _parquet(path: Path, text_field: str) -> Iterator[object]:
+    import pyarrow as pa
+
+    pf = _parquet_file(path, text_field)
+    try:
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=[text_field]):
+            yield from batch.column(0).to_pylist()
+    except (pa.ArrowException, ValueError) as e:  # ArrowInvalid is a ValueError; ArrowIOError an OSError
+        raise UserError(f"{path}: not a readable parquet file ({_one_line(e)}); replace or leave it out") from None
+
+
+def _parquet_file(path: Path, text_field: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, ValueError) as e:
+        raise UserError(f"{path}: not a readable parquet file ({_one_line(e)}); replace or leave it out") from None
+    if text_field not in pf.schema_arrow.names:
+        raise UserError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)}); "
+                        "name the text column with --text-field")
+    return pf
+
+
+def check_columns(source: Source, text_field: str) -> None:
+    """Fail before any output on what a file declares up front: a parquet footer and schema, a CSV header."""
+    if source.format == "parquet":
+        _parquet_file(source.path, text_field)
+    elif source.format == "csv":
+        with contextlib.closing(_records(source, text_field)) as records:
+            next(records, None)
+
+
+def open_tokens(source: Source, bin_dtype: str) -> np.ndarray:
+    """A flat, read-only memory map of a token array (`.bin` raw as nanoGPT writes it, or `.npy`)."""
+    path = source.path
+    try:
+        if source.format == "bin":
+            size, itemsize = path.stat().st_size, np.dtype(bin_dtype).itemsize
+            if size % itemsize:
+                raise UserError(f"{path}: {size} bytes is not a whole number of {bin_dtype} ids; "
+                                "pass the --bin-dtype it was written with")
+            return np.memmap(path, dtype=bin_dtype, mode="r") if size else np.zeros(0, bin_dtype)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or _one_line(e)}); check the file") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not a .npy array file ({_one_line(e)}); replace or leave it out") from None
+    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.integer):
+        raise UserError(f"{path}: holds {getattr(array, 'dtype', type(array).__name__)}, not integer token ids; "
+                        "save the token ids as an integer array")
+    return array.reshape(-1)
+
+
+def id_range(array: np.ndarray, chunk: int = 1 << 24) -> tuple[int, int]:
+    """(min, max) id of a possibly huge memory map, a chunk at a time; (0, -1) when empty."""
+    parts = [(int(p.min()), int(p.max())) for p in (array[i:i + chunk] for i in range(0, len(array), chunk))]
+    return (min(lo for lo, _ in parts), max(hi for _, hi in parts)) if parts else (0, -1)
