@@ -290,3 +290,21 @@ def test_train_tokenizer_cli_makes_a_tokenizer_prepare_uses(tmp_path):
     ids = read_split(tmp_path / "out", "val")
     first = ids[:np.flatnonzero(ids == tok.eod_id)[0]]
     assert tok.decode(first) == next(t for ident, t in docs if is_validation(ident, 0.2))
+
+
+def test_a_prepared_dataset_trains_and_samples_with_its_own_tokenizer(tmp_path, bpe_file):
+    """prepare → train: the manifest's vocabulary is enforced and the saved tokenizer decodes the sample."""
+    from helpers import assert_clean_exit_2, run, train_cmd
+
+    write_jsonl(tmp_path / "d.jsonl", texts(600, seed=5))
+    manifest = prepare([str(tmp_path / "d.jsonl")], tmp_path / "ds", tokenizer=str(bpe_file), seq_len=32,
+                       val_fraction=0.1)
+    settings = (f"data.local={tmp_path / 'ds'}", "model.seq_len=32", "trainer.max_steps=4",
+                "trainer.eval_every=2", "trainer.sample_tokens=20", "trainer.sample_prompt=doc 1")
+    refused = run(train_cmd(0, "small", tmp_path / "runs", *settings))
+    assert_clean_exit_2(refused, f"model.vocab_size: 257 cannot hold the token ids of data.local (its tokenizer "
+                                 f"needs {manifest['vocab_size']})")
+    trained = run(train_cmd(0, "fits", tmp_path / "runs", *settings, f"model.vocab_size={manifest['vocab_size']}"))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    sample = trained.stdout.split("--- sample from the trained model ---\n")[1].split("\n---")[0]
+    assert sample.startswith("doc 1") and len(sample) > len("doc 1")
