@@ -137,19 +137,38 @@ class CheckpointConfig:
 
 
 @dataclass
+class TelemetryConfig:
+    system_every_s: float = 10.0
+    """Sample process/host/GPU and network metrics this often (metrics/system.jsonl, network.jsonl); 0: off."""
+    all_ranks: bool = False
+    """Sample system metrics on every rank (files system_rank{r}.jsonl), not only rank 0."""
+    tensorboard: bool = True
+    """Also write the metric series as TensorBoard events in tb/ (needs the tensorboard extra)."""
+
+
+@dataclass
+class WatchdogConfig:
+    timeout_s: float = 600.0
+    """No step finished for this long (a stuck collective, a dead peer): dump stacks and exit; 0: off."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "model": ModelConfig,
-                             "trainer": TrainerConfig, "checkpoint": CheckpointConfig}
+                             "trainer": TrainerConfig, "checkpoint": CheckpointConfig,
+                             "telemetry": TelemetryConfig, "watchdog": WatchdogConfig}
 
 
 def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
@@ -194,7 +213,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build a Config from nested plain data, rejecting unknown sections and keys."""
     if not isinstance(raw, dict):
-        raise ConfigError("config: the file must hold a mapping of sections (run, data, model, trainer, checkpoint)")
+        raise ConfigError("config: the file must hold a mapping of sections (" + ", ".join(SECTIONS) + ")")
     cfg = Config()
     for section, values in raw.items():
         if section not in SECTIONS:
@@ -326,6 +345,8 @@ def validate(cfg: Config) -> None:
              "data.validate_hash", "must be unset or a hash streaming knows, e.g. sha1 or xxh64")
     _require(c.every_steps >= 0, "checkpoint.every_steps", "must be 0 (off) or positive")
     _require(c.every_seconds >= 0, "checkpoint.every_seconds", "must be 0 (off) or positive")
+    _require(cfg.telemetry.system_every_s >= 0, "telemetry.system_every_s", "must be 0 (off) or positive")
+    _require(cfg.watchdog.timeout_s >= 0, "watchdog.timeout_s", "must be 0 (off) or positive")
 
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3,

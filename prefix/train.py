@@ -20,6 +20,7 @@ from prefix.checkpoint import Checkpointer, log_findings, set_rng_state
 from prefix.errors import UserError
 from prefix.preemption import Preemption, default_actions
 from prefix.runs import RunDir, check_run_name, runs_root
+from prefix.system_metrics import SystemSampler
 from prefix.telemetry import setup_logging
 
 
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     model = GPT(cfg.model).to(world.device)
     seed_everything(cfg.run.seed + world.rank)  # then one RNG stream per rank
     train = TrainStream(cfg, sources, accum)
-    trainer = None
+    trainer = sampler = None
     try:
         val = ValStream(cfg, sources) if cfg.trainer.eval_every else None
 
@@ -100,8 +101,15 @@ def run(args: argparse.Namespace) -> int:
             log.info(f"resumed from step {start_step}", step=start_step, tokens_seen=trainer.tokens_seen)
         if world.is_main:
             log.info("model", params=model.num_params(), steps_per_epoch=train.steps_per_epoch)
+        trainer.metrics.starting_at(start_step)  # TensorBoard: a previous start's events past here are redone
+        if world.is_main or cfg.telemetry.all_ranks:
+            sampler = SystemSampler(run_dir.metrics, cfg.telemetry.system_every_s, world.rank, world.device,
+                                    run_dir.path, step_fn=lambda: trainer.step, log=log,
+                                    scalars=trainer.metrics.scalars).start()
         return trainer.fit()
     finally:
+        if sampler is not None:
+            sampler.stop()
         if trainer is not None:
             trainer.close()
         train.close()

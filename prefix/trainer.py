@@ -27,6 +27,7 @@ from prefix.model import GPT, param_groups
 from prefix.preemption import EXIT_PREEMPTED, Preemption
 from prefix.runs import RunDir
 from prefix.telemetry import Metrics
+from prefix.watchdog import Watchdog
 
 
 def lr_factor(step: int, t: TrainerConfig) -> float:
@@ -63,7 +64,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, t=t))
         self.train, self.val, self.tokenizer = train, val, tokenizer
         self.checkpointer, self.preemption = checkpointer, preemption
-        self.metrics = Metrics(run_dir.metrics, enabled=world.is_main)
+        self.metrics = Metrics(run_dir.metrics, enabled=world.is_main, tensorboard=cfg.telemetry.tensorboard)
         self.samples = open(run_dir.metrics / f"samples_rank{world.rank}.jsonl", "a") \
             if cfg.data.record_samples else None
         self.log = log
@@ -75,6 +76,8 @@ class Trainer:
         self.skips_in_a_row = 0
         self._last_log = (time.perf_counter(), 0, 0)
         self.data_wait = 0.0  # seconds spent waiting for batches since the last log line
+        # watchdog: hang detection on every rank, heartbeat file on rank 0 (prefix/watchdog.py)
+        self.watchdog = Watchdog(cfg.watchdog.timeout_s, run_dir.logs, world.rank, log)
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -125,6 +128,7 @@ class Trainer:
     def fit(self) -> int:
         """Train to max_steps (exit 0) or until the ranks agree to stop (exit 143)."""
         t = self.cfg.trainer
+        self.watchdog.start(self.step)  # armed before the first step: a hang in it is caught too
         with self.preemption.armed():
             while True:
                 stop, time_due = distributed.any_true(self.world, self.preemption.requested,
@@ -139,10 +143,12 @@ class Trainer:
                 if finished:
                     break
                 loss = self.train_step()
+                self.watchdog.beat(self.step)
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     self.log_step(loss)
                 if t.eval_every and self.val and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     self.evaluate()
+        self.watchdog.stop()  # the sample below is no step; a hang after this is torchrun's to handle
         self.log.info("training finished", step=self.step, tokens_seen=self.tokens_seen)
         if t.sample_tokens and self.world.is_main and self.tokenizer is None:
             self.log.warning("no sample: the dataset does not say which tokenizer made it")
@@ -243,6 +249,7 @@ class Trainer:
         return self.tokenizer.decode(out[0].tolist())
 
     def close(self) -> None:
+        self.watchdog.stop()  # every exit (0, 143, a UserError, a crash) ends the watch here at the latest
         self.metrics.close()
         if self.samples:
             self.samples.close()
