@@ -1,7 +1,8 @@
-"""The run directory contract: `<runs_root>/<run_name>/` with checkpoints, logs, meta, metrics.
+"""The run directory contract: `<runs_root>/<run_name>/` with checkpoints, logs, meta, metrics, tb.
 
 The run name is the run's identity: starting the same name again resumes it. `meta/` records the
-resolved config and one line per start, so a run's restart history is on disk next to it.
+resolved config, the code and environment, `run.json` (status, step, restarts: the truth the
+registry indexes) and one line per start, so a run's restart history is on disk next to it.
 """
 
 from __future__ import annotations
@@ -9,13 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from prefix.errors import UserError
 
@@ -54,6 +51,10 @@ class RunDir:
     def metrics(self) -> Path:
         return self.path / "metrics"
 
+    @property
+    def tb(self) -> Path:
+        return self.path / "tb"
+
     def check(self) -> None:
         """Refuse paths that cannot be a run directory, before anything is written."""
         for path in (self.path.parent, self.path, self.checkpoints):
@@ -78,19 +79,3 @@ class RunDir:
             return []
         # a start killed mid-append can leave a torn last line: skip it
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
-
-    def record_start(self, config: dict[str, Any], start_step: int, world_size: int,
-                     config_changes: dict[str, list[Any]] | None = None) -> int:
-        """Append this start to meta/starts.jsonl and write the resolved config; returns restarts.
-
-        `config_changes` ({"section.key": [checkpoint's, now]}) records what this start changed.
-        """
-        restarts = len(self.starts())
-        entry = {"time": time.time(), "start_step": start_step, "world_size": world_size,
-                 "restart": restarts, "host": socket.gethostname(), "config_changes": config_changes or {}}
-        with open(self.meta / "starts.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        tmp = self.meta / "config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-        os.replace(tmp, self.meta / "config.yaml")
-        return restarts

@@ -19,6 +19,8 @@ from prefix import config, distributed, drift
 from prefix.checkpoint import Checkpointer, log_findings, set_rng_state
 from prefix.errors import UserError
 from prefix.preemption import Preemption, default_actions
+from prefix.registry import Registry
+from prefix.run_manager import RunManager
 from prefix.runs import RunDir, check_run_name, runs_root
 from prefix.system_metrics import SystemSampler
 from prefix.telemetry import setup_logging
@@ -31,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-name", help="run identity; starting the same name again resumes it "
                                       "(default: the config file's name)")
     p.add_argument("--runs-root", help="folder of run directories (default: $PREFIX_RUNS_ROOT, else ./runs)")
+    p.add_argument("--experiment", help="experiment the run belongs to, in the registry (default: the config "
+                                        "file's name)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even if the model shape, data, seed, global batch or optimizer changed")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
@@ -45,12 +49,16 @@ def seed_everything(seed: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
-    name = check_run_name(args.run_name or (Path(args.config).stem if args.config else "default"))
-    run_dir = RunDir(runs_root(args.runs_root) / name)
+    stem = Path(args.config).stem if args.config else "default"
+    name = check_run_name(args.run_name or stem)
+    root = runs_root(args.runs_root)
+    run_dir = RunDir(root / name)
     run_dir.check()
     world = distributed.init(cfg.trainer.device)
     accum = config.check_world(cfg, world.world_size)
     log = setup_logging(world.rank)  # console only: nothing is written before every check passed
+    run = RunManager(run_dir, args.experiment or stem, Registry(root) if world.is_main else None, log,
+                     main=world.is_main, tensorboard=cfg.telemetry.tensorboard)
 
     checkpointer = Checkpointer(run_dir.checkpoints, world, cfg.checkpoint)
     choice, findings = checkpointer.find()
@@ -80,18 +88,19 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(cfg.run.seed + world.rank)  # then one RNG stream per rank
     train = TrainStream(cfg, sources, accum)
     trainer = sampler = None
+    exit_code = 1  # what the registry records if this start dies of an unexpected error
     try:
         val = ValStream(cfg, sources) if cfg.trainer.eval_every else None
 
-        distributed.on_main(world, run_dir.create)  # from here on the run directory is written
-        log = setup_logging(world.rank, run_dir.logs)
+        distributed.on_main(world, run.create)  # from here on the run directory is written
+        run.log = log = setup_logging(world.rank, run_dir.logs)
         if world.is_main:
             log_findings(log, choice, findings)
             checkpointer.clean_temporary()
-            restarts = run_dir.record_start(cfg.to_dict(), start_step, world.world_size, changes)
+            restarts = run.begin(start_step, cfg.trainer.max_steps, world.world_size, cfg.to_dict(), changes)
             log.info("starting", run=str(run_dir.path), world_size=world.world_size, accum=accum,
                      restarts=restarts, device=str(world.device), config_changes=changes or None)
-        trainer = Trainer(cfg, world, model, train, val, tokenizer, checkpointer, Preemption(), run_dir, log)
+        trainer = Trainer(cfg, world, model, train, val, tokenizer, checkpointer, Preemption(), run, log)
         if state is not None:
             trainer.load_state_dict(state)
             if rank_state is not None:
@@ -101,17 +110,22 @@ def run(args: argparse.Namespace) -> int:
             log.info(f"resumed from step {start_step}", step=start_step, tokens_seen=trainer.tokens_seen)
         if world.is_main:
             log.info("model", params=model.num_params(), steps_per_epoch=train.steps_per_epoch)
-        trainer.metrics.starting_at(start_step)  # TensorBoard: a previous start's events past here are redone
+        run.metrics.starting_at(start_step)  # TensorBoard: a previous start's events past here are redone
         if world.is_main or cfg.telemetry.all_ranks:
             sampler = SystemSampler(run_dir.metrics, cfg.telemetry.system_every_s, world.rank, world.device,
                                     run_dir.path, step_fn=lambda: trainer.step, log=log,
-                                    scalars=trainer.metrics.scalars).start()
-        return trainer.fit()
+                                    scalars=run.metrics.scalars).start()
+        exit_code = trainer.fit()
+        return exit_code
+    except UserError as e:
+        exit_code = e.exit_code
+        raise
     finally:
         if sampler is not None:
             sampler.stop()
         if trainer is not None:
             trainer.close()
+        run.finish(exit_code, trainer.step if trainer is not None else None)
         train.close()
 
 

@@ -25,8 +25,7 @@ from prefix.distributed import World
 from prefix.errors import UserError
 from prefix.model import GPT, param_groups
 from prefix.preemption import EXIT_PREEMPTED, Preemption
-from prefix.runs import RunDir
-from prefix.telemetry import Metrics
+from prefix.run_manager import RunManager
 from prefix.watchdog import Watchdog
 
 
@@ -55,7 +54,7 @@ def build_optimizer(model: GPT, t: TrainerConfig) -> torch.optim.Optimizer:
 class Trainer:
     def __init__(self, cfg: Config, world: World, model: GPT, train: TrainStream, val: ValStream | None,
                  tokenizer: Tokenizer | None, checkpointer: Checkpointer, preemption: Preemption,
-                 run_dir: RunDir, log: Any):
+                 run: RunManager, log: Any):
         t = cfg.trainer
         self.cfg, self.world, self.raw = cfg, world, model
         self.model = DDP(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None) \
@@ -64,7 +63,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, t=t))
         self.train, self.val, self.tokenizer = train, val, tokenizer
         self.checkpointer, self.preemption = checkpointer, preemption
-        self.metrics = Metrics(run_dir.metrics, enabled=world.is_main, tensorboard=cfg.telemetry.tensorboard)
+        self.run = run
+        run_dir = run.dir
         self.samples = open(run_dir.metrics / f"samples_rank{world.rank}.jsonl", "a") \
             if cfg.data.record_samples else None
         self.log = log
@@ -219,7 +219,7 @@ class Trainer:
                   "tokens_per_sec": (tokens - last_tokens) / elapsed,
                   "step_time": elapsed / steps, "data_wait": self.data_wait / steps}
         self.data_wait = 0.0
-        self.metrics.write("train", self.step, **values)
+        self.run.log_metrics("train", self.step, values)
         self.log.info("step", step=self.step, loss=round(values["loss"], 4), lr=f"{values['lr']:.2e}",
                       tok_s=round(values["tokens_per_sec"]),
                       data_wait_pct=round(100 * values["data_wait"] / values["step_time"], 2))
@@ -239,7 +239,7 @@ class Trainer:
         extra = {}
         if self.tokenizer is not None and self.tokenizer.kind == "bytes":  # one token per byte (EOD too)
             extra["val_bpb"] = val_loss / math.log(2)
-        self.metrics.write("eval", self.step, val_loss=val_loss, **extra)
+        self.run.log_metrics("eval", self.step, {"val_loss": val_loss, **extra})
         self.log.info("eval", step=self.step, val_loss=round(val_loss, 4), **{k: round(v, 4) for k, v in extra.items()})
 
     def generate(self, prompt: str, tokens: int) -> str:
@@ -250,6 +250,5 @@ class Trainer:
 
     def close(self) -> None:
         self.watchdog.stop()  # every exit (0, 143, a UserError, a crash) ends the watch here at the latest
-        self.metrics.close()
         if self.samples:
             self.samples.close()

@@ -1,0 +1,142 @@
+"""RunManager: one run's status, metadata and metrics, on disk and in the registry.
+
+`meta/run.json` is the run's truth (experiment, status, created, updated, step, target, restarts,
+last exit code); every change is written there atomically and then queued for the registry, so a
+slow or broken registry never slows the run. Only the main rank writes; the others get a manager
+that knows the paths and writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prefix import environment
+from prefix.errors import UserError
+from prefix.registry import Registry, Writer
+from prefix.runs import RunDir
+from prefix.telemetry import Metrics
+
+EXIT_STATUS = {0: "completed", 143: "preempted"}
+"""Exit codes of prefix.train → registry status; any other code is `crashed`."""
+PREVIOUS_END = {"completed": "finished", "preempted": "preempted with a final checkpoint",
+                "crashed": "crashed", "running": "killed without a final checkpoint"}
+"""How a start finds the one before it ended, by the status that start left in run.json."""
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def last_step_seen(run_dir: RunDir, state: dict[str, Any]) -> int:
+    """The furthest step the previous start reached: its heartbeat (every step) or its run.json."""
+    steps = [int(state.get("step") or 0)]
+    try:
+        steps.append(int(json.loads((run_dir.logs / "heartbeat.json").read_text())["step"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return max(steps)
+
+
+class RunManager:
+    def __init__(self, run_dir: RunDir, experiment: str, registry: Registry | None, log: Any,
+                 main: bool = True, tensorboard: bool = False):
+        self.dir, self.experiment, self.registry, self.log, self.main = run_dir, experiment, registry, log, main
+        self.state: dict[str, Any] = {}
+        self.metrics = Metrics(run_dir.metrics, enabled=main, tensorboard=tensorboard, tb_folder=run_dir.tb)
+        self._writer: Writer | None = None
+
+    @property
+    def name(self) -> str:
+        return self.dir.path.name
+
+    def read_state(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.dir.meta / "run.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def create(self) -> None:
+        """Make the run's folders (main rank only; raises UserError when it cannot)."""
+        if self.main:
+            self.dir.create()
+
+    def begin(self, start_step: int, target_step: int, world_size: int, config: dict[str, Any],
+              config_changes: dict[str, list[Any]] | None = None) -> int:
+        """Record this start (how the previous one ended, steps redone) and mark the run running.
+
+        Returns the number of restarts before this start.
+        """
+        previous = self.read_state()
+        starts = self.dir.starts()
+        entry = {"time": time.time(), "start_step": start_step, "world_size": world_size,
+                 "restart": len(starts), "host": socket.gethostname(), "config_changes": config_changes or {}}
+        if starts:
+            entry["previous_end"] = PREVIOUS_END.get(previous.get("status"), "unknown")
+            entry["steps_redone"] = max(0, last_step_seen(self.dir, previous) - start_step)
+        with open(self.dir.meta / "starts.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.log_metadata(config, "config", format="yaml")
+        self.log_metadata(environment.snapshot(world_size), "environment")
+        self.log_metadata(environment.code_version(), "code")
+        now = time.time()
+        self.state = {"experiment": self.experiment, "run": self.name, "status": "running",
+                      "created": previous.get("created", now), "updated": now, "step": start_step,
+                      "target_step": target_step, "restarts": len(starts), "exit_code": None}
+        self._writer = Writer(self.registry, self.log) if self.registry is not None else None
+        self._save()
+        return len(starts)
+
+    def log_metadata(self, obj: Any, name: str, format: str = "json") -> Path | None:
+        """Write a dataclass or mapping to meta/<name>.json|yaml, atomically (main rank only)."""
+        if not self.main:
+            return None
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            obj = dataclasses.asdict(obj)
+        if format not in ("json", "yaml"):
+            raise UserError(f"log_metadata: format {format!r} is not json or yaml; pick one of those")
+        text = yaml.safe_dump(obj, sort_keys=False) if format == "yaml" else json.dumps(obj, indent=2, default=str)
+        path = self.dir.meta / f"{name}.{format}"
+        write_atomically(path, text)
+        return path
+
+    def log_metrics(self, split: str, step: int, values: dict[str, Any]) -> None:
+        """Append to metrics/<split>.jsonl (and TensorBoard); a train line also moves the run's step."""
+        self.metrics.write(split, step, **values)
+        if self.main and split == "train" and self.state:
+            self.update(step=step)
+
+    def update(self, **fields: Any) -> None:
+        if self.main and self.state:
+            self.state.update(fields, updated=time.time())
+            self._save()
+
+    def finish(self, exit_code: int, step: int | None = None) -> None:
+        """The run's status from how this start ends; flushes the registry (bounded wait)."""
+        if self.main and self.state:
+            fields = {"status": EXIT_STATUS.get(exit_code, "crashed"), "exit_code": exit_code}
+            self.update(**fields, **({"step": step} if step is not None else {}))
+        self.close()
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _save(self) -> None:
+        try:
+            write_atomically(self.dir.meta / "run.json", json.dumps(self.state, indent=2))
+        except OSError as e:  # a full disk shows up in the checkpoint path, which decides what happens
+            self.log.warning("meta/run.json not written", error=str(e))
+        if self._writer is not None:
+            self._writer.put({**self.state, "path": str(self.dir.path)})
