@@ -22,6 +22,7 @@ from prefix.preemption import Preemption, default_actions
 from prefix.registry import Registry
 from prefix.run_manager import RunManager
 from prefix.runs import RunDir, check_run_name, runs_root
+from prefix.sample import save_tokenizer
 from prefix.system_metrics import SystemSampler
 from prefix.telemetry import setup_logging
 
@@ -98,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
             log_findings(log, choice, findings)
             checkpointer.clean_temporary()
             restarts = run.begin(start_step, cfg.trainer.max_steps, world.world_size, cfg.to_dict(), changes)
+            if tokenizer is not None:
+                save_tokenizer(run_dir.meta, tokenizer)  # for prefix sample
             log.info("starting", run=str(run_dir.path), world_size=world.world_size, accum=accum,
                      restarts=restarts, device=str(world.device), config_changes=changes or None)
         trainer = Trainer(cfg, world, model, train, val, tokenizer, checkpointer, Preemption(), run, log)

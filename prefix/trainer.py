@@ -26,6 +26,7 @@ from prefix.errors import UserError
 from prefix.model import GPT, param_groups
 from prefix.preemption import EXIT_PREEMPTED, Preemption
 from prefix.run_manager import RunManager
+from prefix.sample import generate
 from prefix.watchdog import Watchdog
 
 
@@ -243,10 +244,7 @@ class Trainer:
         self.log.info("eval", step=self.step, val_loss=round(val_loss, 4), **{k: round(v, 4) for k, v in extra.items()})
 
     def generate(self, prompt: str, tokens: int) -> str:
-        ids = torch.tensor(self.tokenizer.encode(prompt), dtype=torch.long, device=self.world.device)[None]
-        gen = torch.Generator(device=self.world.device).manual_seed(self.cfg.run.seed)
-        out = self.raw.generate(ids, tokens, temperature=0.8, top_k=40, generator=gen)
-        return self.tokenizer.decode(out[0].tolist())
+        return generate(self.raw, self.tokenizer, prompt, tokens, self.cfg.run.seed, self.world.device)
 
     def close(self) -> None:
         self.watchdog.stop()  # every exit (0, 143, a UserError, a crash) ends the watch here at the latest

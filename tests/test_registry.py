@@ -97,3 +97,17 @@ def test_an_unusable_registry_never_stops_training(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("run registry not updated") == 1
     assert json.loads((tmp_path / "r" / "meta" / "run.json").read_text())["status"] == "completed"
+
+
+def test_sample_from_a_runs_latest_checkpoint(tmp_path: Path) -> None:
+    trained = run(train_cmd(0, "r", tmp_path, "trainer.max_steps=10", "trainer.sample_tokens=30",
+                            "trainer.sample_prompt=import"))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    in_run = trained.stdout.split("--- sample from the trained model ---\n")[1].split("\n---")[0]
+    args = ("sample", "r", "--runs-root", str(tmp_path), "--prompt", "import", "--tokens", "30", "--seed", "1337")
+    sampled = cli(*args)
+    assert sampled.returncode == 0, sampled.stderr
+    assert sampled.stdout[:-1] == in_run, "same weights, tokenizer and seed: the same text as the run's"
+    assert "step 10 (latest.pt)" in sampled.stderr
+    missing = cli("sample", "nope", "--runs-root", str(tmp_path))
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
