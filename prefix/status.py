@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prefix import goodput
 from prefix.errors import UserError
 from prefix.registry import STATUSES, Registry
 from prefix.runs import RunDir, runs_root
@@ -74,7 +75,7 @@ def details(run_dir: RunDir, now: float) -> dict[str, Any]:
             "last_checkpoint_age_s": now - latest.stat().st_mtime if latest.is_file() else None,
             "restarts": state.get("restarts", 0), "exit_code": state.get("exit_code"),
             "heartbeat_age_s": now - heartbeat["time"] if heartbeat else None,
-            "starts": run_dir.starts()}
+            "starts": run_dir.starts(), "goodput": goodput.account(run_dir.metrics)}
 
 
 def describe(d: dict[str, Any]) -> str:
@@ -87,7 +88,7 @@ def describe(d: dict[str, Any]) -> str:
              is not None else "checkpoint  none yet",
              f"restarts    {d['restarts']}" + (f" ({', '.join(ends)}; {redone} steps redone)" if ends else ""),
              f"heartbeat   {_age(d['heartbeat_age_s'])} ago" if d["heartbeat_age_s"] is not None
-             else "heartbeat   none"]
+             else "heartbeat   none", goodput.describe(d["goodput"])]
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from prefix.data.loader import TrainStream, ValStream
 from prefix.data.tokenizers import Tokenizer
 from prefix.distributed import World
 from prefix.errors import UserError
+from prefix.goodput import Ledger
 from prefix.model import GPT, param_groups
 from prefix.preemption import EXIT_PREEMPTED, Preemption
 from prefix.run_manager import RunManager
@@ -66,6 +67,7 @@ class Trainer:
         self.checkpointer, self.preemption = checkpointer, preemption
         self.run = run
         run_dir = run.dir
+        self.ledger = Ledger(partial(run.log_metrics, "time"), restart=run.state.get("restarts", 0))
         self.samples = open(run_dir.metrics / f"samples_rank{world.rank}.jsonl", "a") \
             if cfg.data.record_samples else None
         self.log = log
@@ -128,8 +130,15 @@ class Trainer:
     # -- loop -----------------------------------------------------------------------------
     def fit(self) -> int:
         """Train to max_steps (exit 0) or until the ranks agree to stop (exit 143)."""
-        t = self.cfg.trainer
         self.watchdog.start(self.step)  # armed before the first step: a hang in it is caught too
+        self.ledger.opened(self.step)
+        try:
+            return self._loop()
+        finally:
+            self.ledger.flush(self.step)
+
+    def _loop(self) -> int:
+        t = self.cfg.trainer
         with self.preemption.armed():
             while True:
                 stop, time_due = distributed.any_true(self.world, self.preemption.requested,
@@ -137,18 +146,22 @@ class Trainer:
                 finished = self.step >= t.max_steps
                 unsaved = self.step > 0 and self.step != self.checkpointer.committed_step
                 if unsaved and (stop or finished or time_due or self.checkpointer.steps_due(self.step)):
-                    self.save(final=stop or finished)
+                    with self.ledger.spend("checkpoint"):
+                        self.save(final=stop or finished)
                 if stop:
                     self.log.warning("stopped by signal after final checkpoint", step=self.step)
                     return EXIT_PREEMPTED
                 if finished:
                     break
-                loss = self.train_step()
+                with self.ledger.spend("train"):
+                    loss = self.train_step()
                 self.watchdog.beat(self.step)
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     self.log_step(loss)
+                    self.ledger.flush(self.step)
                 if t.eval_every and self.val and (self.step % t.eval_every == 0 or self.step == t.max_steps):
-                    self.evaluate()
+                    with self.ledger.spend("eval"):
+                        self.evaluate()
         self.watchdog.stop()  # the sample below is no step; a hang after this is torchrun's to handle
         self.log.info("training finished", step=self.step, tokens_seen=self.tokens_seen)
         if t.sample_tokens and self.world.is_main and self.tokenizer is None:

@@ -1,0 +1,108 @@
+"""Goodput: where a run's wall-clock time went, across all its starts.
+
+Rank 0 keeps a ledger per start (`metrics/time.jsonl`): one `start` line (the process's creation
+time and when the loop began) and, at every logged step and at the end, the seconds spent since
+the previous line training, evaluating and checkpointing. `account()` reads the ledger of every
+start and splits the time the job held its machines into start-up, productive training (steps
+that were kept), training redone (steps past the checkpoint the next start resumed from),
+evaluation, checkpoint stalls and the rest (logging, waiting on peers): the parts sum to the wall
+time by construction, and the rest should stay small. Time between starts (a pod pending) is
+reported as `down`, outside the wall time. A start killed without warning is counted up to its
+last ledger line: the steps after it are neither seen nor counted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+SPENT = ("train", "eval", "checkpoint")
+PARTS = ("startup", "productive", "redone", "eval", "checkpoint", "other")
+
+
+class Ledger:
+    """This start's time, by activity; `write(values)` appends a line (rank 0's metrics)."""
+
+    def __init__(self, write: Any, restart: int):
+        self._write, self.restart = write, restart
+        self._spent = dict.fromkeys(SPENT, 0.0)
+
+    @contextmanager
+    def spend(self, activity: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._spent[activity] += time.perf_counter() - start
+
+    def opened(self, step: int) -> None:
+        self._write(step, {"event": "start", "restart": self.restart,
+                           "process_start": psutil.Process().create_time()})
+
+    def flush(self, step: int) -> None:
+        self._write(step, {"restart": self.restart, **self._spent})
+        self._spent = dict.fromkeys(SPENT, 0.0)
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # torn by a kill
+    return out
+
+
+def account(metrics: Path) -> dict[str, Any]:
+    """{"wall", "down", "goodput", "parts": {part: seconds}, "starts": n} from metrics/time.jsonl."""
+    starts: dict[int, dict[str, Any]] = {}
+    lines: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for line in _lines(metrics / "time.jsonl"):
+        if line.get("event") == "start":
+            starts[line["restart"]] = line
+        elif line.get("restart") in starts:
+            lines[line["restart"]].append(line)
+    parts = dict.fromkeys(PARTS, 0.0)
+    wall = down = 0.0
+    order = sorted(starts)
+    previous_end = None
+    for i, restart in enumerate(order):
+        start = starts[restart]
+        kept_until = starts[order[i + 1]]["step"] if i + 1 < len(order) else float("inf")
+        end = max([start["time"], *(line["time"] for line in lines[restart])])
+        parts["startup"] += start["time"] - start["process_start"]
+        step = start["step"]
+        for line in lines[restart]:
+            steps = line["step"] - step
+            kept = 1.0 if steps <= 0 else min(max(kept_until - step, 0), steps) / steps
+            parts["productive"] += line["train"] * kept
+            parts["redone"] += line["train"] * (1 - kept)
+            parts["eval"] += line["eval"]
+            parts["checkpoint"] += line["checkpoint"]
+            step = line["step"]
+        lifetime = end - start["process_start"]
+        wall += lifetime
+        if previous_end is not None:
+            down += max(0.0, start["process_start"] - previous_end)
+        previous_end = end
+    parts["other"] = wall - sum(parts[p] for p in PARTS if p != "other")
+    return {"wall": wall, "down": down, "goodput": parts["productive"] / wall if wall else None,
+            "parts": parts, "starts": len(order)}
+
+
+def describe(result: dict[str, Any]) -> str:
+    if not result["wall"]:
+        return "goodput     not measured (no metrics/time.jsonl yet)"
+    shares = ", ".join(f"{p} {100 * s / result['wall']:.1f} %" for p, s in result["parts"].items())
+    return (f"goodput     {100 * result['goodput']:.1f} % of {result['wall'] / 3600:.2f} h over "
+            f"{result['starts']} start(s) ({shares}); down between starts {result['down'] / 3600:.2f} h")
