@@ -19,7 +19,7 @@ from prefix.registry import STATUSES, Registry
 from prefix.runs import RunDir, runs_root
 
 
-def _age(seconds: float | None) -> str:
+def age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -33,7 +33,7 @@ def table(rows: list[dict[str, Any]], now: float) -> str:
     lines = [header] + [(r["run"], r["experiment"] or "-", r["status"] or "-", str(r["step"] or 0),
                          str(r["target_step"] or "-"), str(r["restarts"] or 0),
                          "-" if r["exit_code"] is None else str(r["exit_code"]),
-                         _age(now - r["updated"]) + " ago" if r["updated"] else "-") for r in rows]
+                         age(now - r["updated"]) + " ago" if r["updated"] else "-") for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
                      for line in lines)
@@ -83,11 +83,11 @@ def describe(d: dict[str, Any]) -> str:
     redone = sum(s.get("steps_redone", 0) for s in d["starts"])
     lines = [f"run         {d['run']} ({d['experiment']})",
              f"status      {d['status']}" + (f" (exit {d['exit_code']})" if d["exit_code"] is not None else ""),
-             f"step        {d['step']} / {d['target_step']}" + (f", ETA {_age(d['eta_s'])}" if d["eta_s"] else ""),
-             f"checkpoint  latest.pt, {_age(d['last_checkpoint_age_s'])} old" if d["last_checkpoint_age_s"]
+             f"step        {d['step']} / {d['target_step']}" + (f", ETA {age(d['eta_s'])}" if d["eta_s"] else ""),
+             f"checkpoint  latest.pt, {age(d['last_checkpoint_age_s'])} old" if d["last_checkpoint_age_s"]
              is not None else "checkpoint  none yet",
              f"restarts    {d['restarts']}" + (f" ({', '.join(ends)}; {redone} steps redone)" if ends else ""),
-             f"heartbeat   {_age(d['heartbeat_age_s'])} ago" if d["heartbeat_age_s"] is not None
+             f"heartbeat   {age(d['heartbeat_age_s'])} ago" if d["heartbeat_age_s"] is not None
              else "heartbeat   none", goodput.describe(d["goodput"])]
     return "\n".join(lines)
 
