@@ -124,6 +124,10 @@ class TrainerConfig:
     sample_tokens: int = 0
     """At the end of training, rank 0 generates and logs this many tokens; 0 disables it."""
     sample_prompt: str = "def "
+    sample_every: int = 0
+    """Every this many steps, rank 0 writes sample_tokens of text per prompt to metrics/samples.jsonl; 0: off."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts for the periodic samples; empty: [sample_prompt]."""
 
 
 @dataclass
@@ -314,6 +318,8 @@ def validate(cfg: Config) -> None:
     _require(t.eval_batches >= 1, "trainer.eval_batches", "must be at least 1")
     _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
     _require(t.sample_tokens >= 0, "trainer.sample_tokens", "must be 0 (off) or positive")
+    _require(t.sample_every >= 0, "trainer.sample_every", "must be 0 (off) or positive")
+    _require(not t.sample_every or t.sample_tokens, "trainer.sample_every", "needs trainer.sample_tokens > 0")
     _require(d.num_workers >= 0, "data.num_workers", "must be 0 or more")
     _require(d.num_canonical_nodes >= 1, "data.num_canonical_nodes", "must be at least 1")
     _require(d.shuffle_algo in ("py1e", "py1br", "py1b", "py1s", "py2s", "naive"), "data.shuffle_algo",

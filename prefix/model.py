@@ -176,6 +176,19 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.d_model * c.seq_len
 
 
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "A10G": 70e12, "L4": 121e12, "V100": 125e12}
+"""Dense bf16 (fp16 for V100) tensor-core peaks without sparsity, by a substring of the device name."""
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's peak FLOP/s for MFU, or None where it is not known (CPUs, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay matrices and embeddings (dim ≥ 2), not norm gains (dim < 2).
     parameters() deduplicates, so the tied weight appears once."""

@@ -194,6 +194,13 @@ def summary(facts: dict[str, Any], report: dict[str, Any], t0: float) -> str:
              f"| final train loss | {final['loss']:.4f} at step {final['step']} |",
              f"| best val loss | {best['loss']:.4f} at step {best['step']} |" if best else "| best val loss | - |",
              ""]
+    g = facts["goodput"]
+    if g["wall"]:
+        lines += ["## Goodput", "", f"{100 * g['goodput']:.1f} % of {age(g['wall'])} of wall-clock time over "
+                  f"{g['starts']} start(s) went to steps that were kept ({age(g['down'])} down between starts).", "",
+                  "| part | seconds | share |", "| --- | --- | --- |"]
+        lines += [f"| {part} | {sec:.1f} | {100 * sec / g['wall']:.1f} % |" for part, sec in g["parts"].items()]
+        lines.append("")
     if report["restarts"]:
         lines += ["## Restarts", "", "| # | at step | hours since first start | previous start ended | steps redone |",
                   "| --- | --- | --- | --- | --- |"]

@@ -24,7 +24,7 @@ from prefix.data.tokenizers import Tokenizer
 from prefix.distributed import World
 from prefix.errors import UserError
 from prefix.goodput import Ledger
-from prefix.model import GPT, param_groups
+from prefix.model import GPT, param_groups, peak_flops
 from prefix.preemption import EXIT_PREEMPTED, Preemption
 from prefix.run_manager import RunManager
 from prefix.sample import generate
@@ -67,6 +67,7 @@ class Trainer:
         self.checkpointer, self.preemption = checkpointer, preemption
         self.run = run
         run_dir = run.dir
+        self.peak_flops = peak_flops(world.device)
         self.ledger = Ledger(partial(run.log_metrics, "time"), restart=run.state.get("restarts", 0))
         self.samples = open(run_dir.metrics / f"samples_rank{world.rank}.jsonl", "a") \
             if cfg.data.record_samples else None
@@ -162,6 +163,11 @@ class Trainer:
                 if t.eval_every and self.val and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     with self.ledger.spend("eval"):
                         self.evaluate()
+                if t.sample_every and self.step % t.sample_every == 0 and self.world.is_main and self.tokenizer:
+                    with self.ledger.spend("eval"):
+                        for prompt in t.sample_prompts or [t.sample_prompt]:
+                            self.run.log_metrics("samples", self.step, {"prompt": prompt, "text": self.generate(
+                                prompt, t.sample_tokens)})
         self.watchdog.stop()  # the sample below is no step; a hang after this is torchrun's to handle
         self.log.info("training finished", step=self.step, tokens_seen=self.tokens_seen)
         if t.sample_tokens and self.world.is_main and self.tokenizer is None:
@@ -232,6 +238,8 @@ class Trainer:
                   "grad_norm": float(self.grad_norm), "tokens_seen": tokens, "skipped_steps": self.skipped_steps,
                   "tokens_per_sec": (tokens - last_tokens) / elapsed,
                   "step_time": elapsed / steps, "data_wait": self.data_wait / steps}
+        if self.peak_flops:  # model FLOPs utilisation, where the GPU's peak is known
+            values["mfu"] = values["tokens_per_sec"] * self.raw.flops_per_token() / (self.peak_flops * self.world.world_size)
         self.data_wait = 0.0
         self.run.log_metrics("train", self.step, values)
         self.log.info("step", step=self.step, loss=round(values["loss"], 4), lr=f"{values['lr']:.2e}",

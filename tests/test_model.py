@@ -200,3 +200,10 @@ def test_model_learns_repeated_batch():
         loss.backward()
         opt.step()
     assert model(x, y)[1].item() < 0.7 * first
+
+
+def test_peak_flops_are_known_only_for_listed_gpus():
+    from prefix.model import PEAK_BF16_FLOPS, peak_flops
+
+    assert peak_flops(torch.device("cpu")) is None, "no MFU on CPU: its peak is not known"
+    assert PEAK_BF16_FLOPS["H100"] == 989e12

@@ -101,8 +101,12 @@ def test_an_unusable_registry_never_stops_training(tmp_path: Path) -> None:
 
 def test_sample_from_a_runs_latest_checkpoint(tmp_path: Path) -> None:
     trained = run(train_cmd(0, "r", tmp_path, "trainer.max_steps=10", "trainer.sample_tokens=30",
-                            "trainer.sample_prompt=import"))
+                            "trainer.sample_prompt=import", "trainer.sample_every=5",
+                            "trainer.sample_prompts=[import, 'def ']"))
     assert trained.returncode == 0, trained.stderr[-3000:]
+    periodic = read_jsonl(tmp_path / "r" / "metrics" / "samples.jsonl")
+    assert [(s["step"], s["prompt"]) for s in periodic] == [(5, "import"), (5, "def "), (10, "import"), (10, "def ")]
+    assert all(s["text"].startswith(s["prompt"]) and len(s["text"]) > len(s["prompt"]) for s in periodic)
     in_run = trained.stdout.split("--- sample from the trained model ---\n")[1].split("\n---")[0]
     args = ("sample", "r", "--runs-root", str(tmp_path), "--prompt", "import", "--tokens", "30", "--seed", "1337")
     sampled = cli(*args)
