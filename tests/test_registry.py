@@ -26,11 +26,11 @@ def test_registry_follows_runs_preemptions_and_kills_and_reindexes(tmp_path: Pat
     done = run(train_cmd(0, "done", tmp_path, "trainer.max_steps=5", "--experiment", "exp-a"))
     assert done.returncode == 0, done.stderr[-3000:]
 
-    preempted = Launch(train_cmd(2, "pre", tmp_path, *QUICK, "--experiment", "exp-b"), tmp_path / "log1")
+    preempted = Launch(train_cmd(0, "pre", tmp_path, *QUICK, "--experiment", "exp-b"), tmp_path / "log1")
     preempted.wait_for_step(tmp_path / "pre", 15)
     preempted.sigterm()
     preempted.wait()
-    killed = Launch(train_cmd(2, "kill", tmp_path, *QUICK, "--experiment", "exp-b"), tmp_path / "log2")
+    killed = Launch(train_cmd(0, "kill", tmp_path, *QUICK, "--experiment", "exp-b"), tmp_path / "log2")
     killed.wait_for_step(tmp_path / "kill", 25)
     killed.kill_all()
     heartbeat = json.loads((tmp_path / "kill" / "logs" / "heartbeat.json").read_text())["step"]
@@ -45,7 +45,7 @@ def test_registry_follows_runs_preemptions_and_kills_and_reindexes(tmp_path: Pat
     assert [r["run"] for r in Registry(tmp_path).runs(experiment="exp-b", status="preempted")] == ["pre"]
 
     for name in ("pre", "kill"):  # resume both to the end
-        resumed = run(train_cmd(2, name, tmp_path, *QUICK, "trainer.max_steps=40", "--experiment", "exp-b"))
+        resumed = run(train_cmd(0, name, tmp_path, *QUICK, "trainer.max_steps=40", "--experiment", "exp-b"))
         assert resumed.returncode == 0, resumed.stderr[-3000:]
     starts = {name: read_jsonl(tmp_path / name / "meta" / "starts.jsonl") for name in ("pre", "kill")}
     assert starts["pre"][1]["previous_end"] == "preempted with a final checkpoint"

@@ -31,17 +31,17 @@ def marker_drawn(image: np.ndarray, x: float, rgb: tuple[int, int, int]) -> bool
 
 def test_report_of_a_preempted_and_killed_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "r"
-    first = Launch(train_cmd(2, "r", tmp_path, *STEPS), tmp_path / "log1")
+    first = Launch(train_cmd(0, "r", tmp_path, *STEPS), tmp_path / "log1")
     first.wait_for_step(run_dir, 12)
     first.sigterm()
     first.wait()
     state = json.loads((run_dir / "meta" / "run.json").read_text())
     assert state["status"] == "preempted", state
-    second = Launch(train_cmd(2, "r", tmp_path, *STEPS), tmp_path / "log2")
+    second = Launch(train_cmd(0, "r", tmp_path, *STEPS), tmp_path / "log2")
     preempted_at = state["step"]
     second.wait_for_step(run_dir, preempted_at + 17)  # past a checkpoint of its own: the markers stay apart
     second.kill_all()
-    last = run(train_cmd(2, "r", tmp_path, *STEPS))
+    last = run(train_cmd(0, "r", tmp_path, *STEPS))
     assert last.returncode == 0, last.stderr[-3000:]
     with open(run_dir / "metrics" / "train.jsonl", "a") as f:
         f.write('{"step": 61, "time": 17')  # a line torn by a kill mid-write
