@@ -128,6 +128,19 @@ def test_pod_volumes_and_security(template):
 
 
 @pytest.mark.parametrize("template", JOBS)
+def test_heartbeat_probes(template):
+    """Both probes run the heartbeat check on this run's directory; the watchdog acts first."""
+    from prefix.config import WatchdogConfig
+
+    c = container(job_of(template))
+    check = ["python", "-m", "prefix.watchdog", f"{RUNS_ROOT}/{RUN}", "--max-age", "900", "--this-container"]
+    startup, liveness = c["startupProbe"], c["livenessProbe"]
+    assert startup["exec"]["command"] == liveness["exec"]["command"] == check
+    assert 900 > WatchdogConfig().timeout_s, "the in-process watchdog, with its stack dump, fires first"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 3600, "time to the first step"
+
+
+@pytest.mark.parametrize("template", JOBS)
 def test_command_execs_torchrun(template):
     job = job_of(template)
     c = container(job)
