@@ -13,7 +13,6 @@ last ledger line: the steps after it are neither seen nor counted.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from prefix.runs import read_jsonl
 
 SPENT = ("train", "eval", "checkpoint")
 PARTS = ("startup", "productive", "redone", "eval", "checkpoint", "other")
@@ -51,23 +52,11 @@ class Ledger:
         self._spent = dict.fromkeys(SPENT, 0.0)
 
 
-def _lines(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # torn by a kill
-    return out
-
-
 def account(metrics: Path) -> dict[str, Any]:
     """{"wall", "down", "goodput", "parts": {part: seconds}, "starts": n} from metrics/time.jsonl."""
     starts: dict[int, dict[str, Any]] = {}
     lines: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for line in _lines(metrics / "time.jsonl"):
+    for line in read_jsonl(metrics / "time.jsonl"):
         if line.get("event") == "start":
             starts[line["restart"]] = line
         elif line.get("restart") in starts:

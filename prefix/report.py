@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prefix.errors import UserError
-from prefix.runs import RunDir, runs_root
+from prefix.runs import RunDir, read_jsonl, runs_root
 from prefix.status import age, details
 
 SIZE_IN, DPI = (10, 5), 100
@@ -24,21 +24,6 @@ FIGURES = ("loss.png", "loss_time.png", "throughput.png")
 END_COLOURS = {"preempted with a final checkpoint": "tab:orange", "killed without a final checkpoint": "tab:red",
                "crashed": "tab:purple", "finished": "tab:gray"}
 OTHER_END = "black"
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every complete JSON object line; a line torn by a kill mid-write is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def _number(row: dict[str, Any], field: str) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import socket
 import time
 from pathlib import Path
@@ -21,8 +20,9 @@ import yaml
 from prefix import environment
 from prefix.errors import UserError
 from prefix.registry import Registry, Writer
-from prefix.runs import RunDir
+from prefix.runs import RunDir, write_atomically
 from prefix.telemetry import Metrics
+from prefix.watchdog import read_heartbeat
 
 EXIT_STATUS = {0: "completed", 143: "preempted"}
 """Exit codes of prefix.train → registry status; any other code is `crashed`."""
@@ -31,20 +31,10 @@ PREVIOUS_END = {"completed": "finished", "preempted": "preempted with a final ch
 """How a start finds the one before it ended, by the status that start left in run.json."""
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def last_step_seen(run_dir: RunDir, state: dict[str, Any]) -> int:
     """The furthest step the previous start reached: its heartbeat (every step) or its run.json."""
-    steps = [int(state.get("step") or 0)]
-    try:
-        steps.append(int(json.loads((run_dir.logs / "heartbeat.json").read_text())["step"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return max(steps)
+    beat = read_heartbeat(run_dir) or {}
+    return max(int(state.get("step") or 0), int(beat.get("step") or 0))
 
 
 class RunManager:
@@ -59,12 +49,6 @@ class RunManager:
     def name(self) -> str:
         return self.dir.path.name
 
-    def read_state(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.dir.meta / "run.json").read_text())
-        except (OSError, ValueError):
-            return {}
-
     def create(self) -> None:
         """Make the run's folders (main rank only; raises UserError when it cannot)."""
         if self.main:
@@ -76,7 +60,7 @@ class RunManager:
 
         Returns the number of restarts before this start.
         """
-        previous = self.read_state()
+        previous = self.dir.state()
         starts = self.dir.starts()
         entry = {"time": time.time(), "start_step": start_step, "world_size": world_size,
                  "restart": len(starts), "host": socket.gethostname(), "config_changes": config_changes or {}}

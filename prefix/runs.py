@@ -24,6 +24,28 @@ def runs_root(cli_value: str | None) -> Path:
     return Path(cli_value or os.environ.get("PREFIX_RUNS_ROOT") or "runs").expanduser()
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every complete JSON object line of a run's .jsonl file; a line torn by a kill is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` so that a reader (a probe, `prefix status`) never sees half of it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def check_run_name(name: str) -> str:
     if not RUN_NAME.match(name) or ".." in name:
         raise UserError(f"--run-name: {name!r} is not a valid run name; use up to 63 letters, digits, "
@@ -74,8 +96,12 @@ class RunDir:
                             "choose a writable --runs-root or PREFIX_RUNS_ROOT") from None
 
     def starts(self) -> list[dict[str, Any]]:
-        path = self.meta / "starts.jsonl"
-        if not path.is_file():
-            return []
-        # a start killed mid-append can leave a torn last line: skip it
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+        return read_jsonl(self.meta / "starts.jsonl")
+
+    def state(self) -> dict[str, Any]:
+        """meta/run.json (status, step, target, restarts, exit code), or {} before the first start."""
+        try:
+            state = json.loads((self.meta / "run.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}

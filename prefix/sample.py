@@ -18,23 +18,23 @@ from prefix.errors import UserError
 from prefix.runs import RunDir, runs_root
 
 TOKENIZER = "tokenizer"
-"""meta/tokenizer/: the tokenizer's files and entry.json (its manifest entry)."""
+"""meta/tokenizer/: the tokenizer's files and a manifest.json naming it, as in a prepared dataset."""
 
 
 def save_tokenizer(meta: Path, tokenizer) -> None:
     folder = meta / TOKENIZER
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "entry.json").write_text(json.dumps(tokenizer.save(folder)))
+    (folder / "manifest.json").write_text(json.dumps({"tokenizer": tokenizer.save(folder)}))
 
 
 def load_tokenizer(meta: Path):
     from prefix.data import tokenizers
 
-    folder = meta / TOKENIZER
-    if not (folder / "entry.json").is_file():
+    tokenizer = tokenizers.from_dataset(meta / TOKENIZER)
+    if tokenizer is None:
         raise UserError(f"{meta.parent}: the run recorded no tokenizer (its data has no manifest naming one); "
                         "prepare the data with prefix data prepare to sample from its runs")
-    return tokenizers.from_entry(folder, json.loads((folder / "entry.json").read_text()))
+    return tokenizer
 
 
 def generate(model, tokenizer, prompt: str, tokens: int, seed: int, device: torch.device,

@@ -10,13 +10,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from prefix import goodput
 from prefix.errors import UserError
 from prefix.registry import STATUSES, Registry
-from prefix.runs import RunDir, runs_root
+from prefix.runs import RunDir, read_jsonl, runs_root
+from prefix.watchdog import read_heartbeat
 
 
 def age(seconds: float | None) -> str:
@@ -39,34 +39,18 @@ def table(rows: list[dict[str, Any]], now: float) -> str:
                      for line in lines)
 
 
-def _last_jsonl(path: Path, count: int) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines()[-count:]:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a line torn by a kill
-    return out
-
-
 def details(run_dir: RunDir, now: float) -> dict[str, Any]:
     """What `prefix status` prints, as data (also used by the report)."""
-    try:
-        state = json.loads((run_dir.meta / "run.json").read_text())
-    except (OSError, ValueError):
+    state = run_dir.state()
+    if not state:
         raise UserError(f"{run_dir.path}: not a run directory of this prefix (meta/run.json missing); "
-                        "check the run name and --runs-root") from None
-    recent = _last_jsonl(run_dir.metrics / "train.jsonl", 20)
+                        "check the run name and --runs-root")
+    recent = read_jsonl(run_dir.metrics / "train.jsonl")[-20:]
     step_times = [r["step_time"] for r in recent if "step_time" in r]
     step, target = int(state.get("step") or 0), int(state.get("target_step") or 0)
-    heartbeat = None
-    try:
-        heartbeat = json.loads((run_dir.logs / "heartbeat.json").read_text())
-        step = max(step, int(heartbeat["step"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    heartbeat = read_heartbeat(run_dir)
+    if heartbeat is not None:
+        step = max(step, int(heartbeat.get("step", 0)))
     latest = run_dir.checkpoints / "latest.pt"
     eta = (target - step) * sum(step_times) / len(step_times) if step_times and state.get("status") == "running" \
         else None

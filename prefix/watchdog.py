@@ -5,7 +5,8 @@ and a hang outside collectives (a data worker, a dead file system) has none; nei
 was. Every rank runs a `Watchdog`: when no step finished for `timeout_s`, it dumps every thread's
 stack to `logs/stacks_rank{r}_<unix time>.txt`, says so on stderr and exits EXIT_HUNG, so torchrun
 tears the job down and the pod resumes from the last checkpoint. Rank 0 also writes
-`logs/heartbeat.json` every step. Standard library only: `python -m prefix.watchdog` is a cheap probe.
+`logs/heartbeat.json` every step. No torch or other heavy import: `python -m prefix.watchdog` is a
+cheap probe.
 """
 
 from __future__ import annotations
@@ -20,20 +21,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prefix.runs import write_atomically
+
 EXIT_HUNG = 124  # as timeout(1): "no progress within the time limit"; stacks are in logs/
 HEARTBEAT = "heartbeat.json"
 
 
 def write_heartbeat(logs_dir: Path | str, step: int) -> None:
     """Atomically replace logs/heartbeat.json (a reader never sees half); no fsync: it only says "alive"."""
-    path = os.path.join(logs_dir, HEARTBEAT)
-    data = json.dumps({"step": step, "time": time.time(), "pid": os.getpid(), "rank": 0}).encode()
-    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(path + ".tmp", path)
+    write_atomically(Path(logs_dir) / HEARTBEAT,
+                     json.dumps({"step": step, "time": time.time(), "pid": os.getpid(), "rank": 0}))
 
 
 def _heartbeat_path(where: Any) -> Path:
