@@ -148,6 +148,8 @@ class TelemetryConfig:
     """Sample system metrics on every rank (files system_rank{r}.jsonl), not only rank 0."""
     tensorboard: bool = True
     """Also write the metric series as TensorBoard events in tb/ (needs the tensorboard extra)."""
+    progress: str = "auto"
+    """Rank 0's progress bar: auto (when stderr is a terminal, so never in a pod), always or never."""
 
 
 @dataclass
@@ -352,6 +354,7 @@ def validate(cfg: Config) -> None:
     _require(c.every_steps >= 0, "checkpoint.every_steps", "must be 0 (off) or positive")
     _require(c.every_seconds >= 0, "checkpoint.every_seconds", "must be 0 (off) or positive")
     _require(cfg.telemetry.system_every_s >= 0, "telemetry.system_every_s", "must be 0 (off) or positive")
+    _require(cfg.telemetry.progress in ("auto", "always", "never"), "telemetry.progress", "must be auto, always or never")
     _require(cfg.watchdog.timeout_s >= 0, "watchdog.timeout_s", "must be 0 (off) or positive")
 
 

@@ -3,7 +3,8 @@
 Logs go through structlog: JSON lines in `logs/rank{r}.jsonl` for machines, readable lines on
 stderr for people (rank 0 only, other ranks show warnings and errors). Metrics are JSON lines in
 `metrics/<split>.jsonl`, each with `step` and a wall-clock `time`, written by rank 0, and
-optionally TensorBoard events in `tb/` (docs/metrics.md).
+optionally TensorBoard events in `tb/` (docs/metrics.md). On a terminal, rank 0 also shows a
+progress bar; in a pod (stderr is no terminal) there are log lines only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,27 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
+
+
+class _Console:
+    """stderr for console lines; while a progress bar is shown, each line is printed above it."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def write(self, text: str) -> None:
+        if self.bar is None:
+            sys.stderr.write(text)
+        else:
+            self.bar.write(text.rstrip("\n"), file=sys.stderr)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+_console = _Console()
+_UNDER_BAR = {"step"}
+"""Events the progress bar shows instead of a console line (they still go to the JSON log)."""
 
 
 class _Tee:
@@ -35,6 +57,8 @@ class _Tee:
             self.file.flush()
         if logging.getLevelName(method.upper()) < self.console_level:
             raise structlog.DropEvent
+        if _console.bar is not None and event.get("event") in _UNDER_BAR:
+            raise structlog.DropEvent
         return self.console(logger, method, event)
 
 
@@ -50,10 +74,36 @@ def setup_logging(rank: int, log_dir: Path | None = None) -> structlog.stdlib.Bo
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _Tee(file, logging.INFO if rank == 0 else logging.WARNING),
         ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(_console),
         cache_logger_on_first_use=False,
     )
     return structlog.get_logger().bind(rank=rank)
+
+
+class Progress:
+    """A tqdm step bar on stderr, shown by rank 0 when `mode` is `always`, or `auto` on a terminal.
+
+    Loss and tokens/s join the bar at every logged step, in place of the console's step lines.
+    """
+
+    def __init__(self, mode: str, is_main: bool, total: int, initial: int):
+        self.bar: Any = None
+        if is_main and (mode == "always" or (mode == "auto" and sys.stderr.isatty())):
+            from tqdm import tqdm
+
+            self.bar = _console.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr,
+                                           dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, step: int, **postfix: Any) -> None:
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = _console.bar = None
 
 
 class _TensorBoard:

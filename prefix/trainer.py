@@ -28,6 +28,7 @@ from prefix.model import GPT, param_groups, peak_flops
 from prefix.preemption import EXIT_PREEMPTED, Preemption
 from prefix.run_manager import RunManager
 from prefix.sample import generate
+from prefix.telemetry import Progress
 from prefix.watchdog import Watchdog
 
 
@@ -133,9 +134,11 @@ class Trainer:
         """Train to max_steps (exit 0) or until the ranks agree to stop (exit 143)."""
         self.watchdog.start(self.step)  # armed before the first step: a hang in it is caught too
         self.ledger.opened(self.step)
+        self.progress = Progress(self.cfg.telemetry.progress, self.world.is_main, self.cfg.trainer.max_steps, self.step)
         try:
             return self._loop()
         finally:
+            self.progress.close()
             self.ledger.flush(self.step)
 
     def _loop(self) -> int:
@@ -157,6 +160,7 @@ class Trainer:
                 with self.ledger.spend("train"):
                     loss = self.train_step()
                 self.watchdog.beat(self.step)
+                self.progress.update(self.step)
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     self.log_step(loss)
                     self.ledger.flush(self.step)
@@ -169,6 +173,7 @@ class Trainer:
                             self.run.log_metrics("samples", self.step, {"prompt": prompt, "text": self.generate(
                                 prompt, t.sample_tokens)})
         self.watchdog.stop()  # the sample below is no step; a hang after this is torchrun's to handle
+        self.progress.close()
         self.log.info("training finished", step=self.step, tokens_seen=self.tokens_seen)
         if t.sample_tokens and self.world.is_main and self.tokenizer is None:
             self.log.warning("no sample: the dataset does not say which tokenizer made it")
@@ -242,6 +247,7 @@ class Trainer:
             values["mfu"] = values["tokens_per_sec"] * self.raw.flops_per_token() / (self.peak_flops * self.world.world_size)
         self.data_wait = 0.0
         self.run.log_metrics("train", self.step, values)
+        self.progress.update(self.step, loss=f"{values['loss']:.4f}", tok_s=round(values["tokens_per_sec"]))
         self.log.info("step", step=self.step, loss=round(values["loss"], 4), lr=f"{values['lr']:.2e}",
                       tok_s=round(values["tokens_per_sec"]),
                       data_wait_pct=round(100 * values["data_wait"] / values["step_time"], 2))
