@@ -9,12 +9,15 @@ Streaming facts this module is built around:
 - every `iter()` starts a new epoch, and a state saved exactly at an epoch's end would make the
   resumed epoch yield nothing or a ragged tail; an epoch here is a whole number of global batches
   (the tail is dropped, as `drop_last` would), and a finished epoch is saved as "next epoch, 0";
-- a shard that fails validation ends the epoch early without raising, so a short epoch is an error.
+- a shard that fails validation ends the epoch early without raising, so a short epoch is an error;
+- with `cache_limit`, how far streaming downloads ahead is bounded by what the cache holds (see
+  `_bound_lookahead`), or its ready thread can wait forever for a shard evicted under it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from concurrent.futures import Future
@@ -65,7 +68,26 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _dataset(cfg: Config, sources: list[Source], split: str, shuffle: bool) -> IndexedDataset:
+def _bound_lookahead(ds: IndexedDataset, readers: int, where: str, setting: str) -> None:
+    """Keep streaming's download-ahead (`predownload`, in samples) inside the cache.
+
+    Streaming's ready thread waits for a shard to turn from "downloading" to "local" by polling
+    every few ms. If in between the download thread, running ahead, fills the cache and evicts that
+    very shard as the coldest, the ready thread waits forever (the run hangs: 4 of 20 runs with a
+    five-of-eight-shard cache before this bound). Eviction needs every other cached shard touched
+    after it, so with `fits` shards in the cache, at most `fits - 2` samples ahead shared among the
+    node's readers (ranks per node × loader workers) cannot evict a shard someone still waits for.
+    """
+    fits = ds.cache_limit // max(shard.get_max_size() for shard in ds.shards)
+    ahead = (fits - 2) // readers
+    if ahead < 1:
+        raise UserError(f"data.cache_limit: {setting} holds {fits} shard(s) of {where}, too few for {readers} "
+                        f"reader(s) on this node (ranks per node x max(data.num_workers, 1)); raise it to "
+                        f"at least {readers + 2} shards or use fewer loader workers")
+    ds.predownload = min(ds.predownload, ahead)
+
+
+def _dataset(cfg: Config, sources: list[Source], split: str, shuffle: bool, workers: int = 0) -> IndexedDataset:
     d = cfg.data
     where = sources[0].key if len(sources) == 1 else "data.streams"
     for source in sources:
@@ -88,6 +110,9 @@ def _dataset(cfg: Config, sources: list[Source], split: str, shuffle: bool) -> I
             raise
         raise UserError(f"data.cache_limit: {d.cache_limit} is too small for {where} "
                         f"({str(e).split('. ')[0]}); raise it") from None
+    if ds.cache_limit:
+        readers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * max(workers, 1)
+        _bound_lookahead(ds, readers, f"{where} ({split})", d.cache_limit)
     check_shards(ds, f"{where} ({split})", d.validate_hash)
     for offset in ds.sample_offset_per_stream:
         width = len(ds[int(offset)]["tokens"])
@@ -139,7 +164,7 @@ class TrainStream:
         self.seq_len, self.vocab_size = cfg.model.seq_len, cfg.model.vocab_size
         self.validate_hash = cfg.data.validate_hash
         self.versions = [s.version for s in sources]
-        self.dataset = _dataset(cfg, sources, cfg.data.train_split, cfg.data.shuffle)
+        self.dataset = _dataset(cfg, sources, cfg.data.train_split, cfg.data.shuffle, cfg.data.num_workers)
         self.loader = StreamingDataLoader(
             self.dataset, batch_size=cfg.trainer.micro_batch_size, num_workers=cfg.data.num_workers,
             worker_init_fn=_ignore_stop_signals if cfg.data.num_workers else None,
