@@ -120,7 +120,13 @@ class TrainerConfig:
     eval_batches: int = 8
     """Micro-batches of the validation split per rank in one evaluation."""
     device: str = "auto"
-    """auto (cuda when available, else cpu), cuda or cpu."""
+    """auto (cuda when available, else cpu), cuda, cpu or mps (Apple silicon; one process)."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 elsewhere), bf16 (autocast; master weights stay fp32) or fp32."""
+    compile: bool | str = "auto"
+    """torch.compile the model for training: auto (on CUDA only), true or false; checkpoints are the same."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, about a third more compute."""
     sample_tokens: int = 0
     """At the end of training, rank 0 generates and logs this many tokens; 0 disables it."""
     sample_prompt: str = "def "
@@ -134,10 +140,17 @@ class TrainerConfig:
 class CheckpointConfig:
     every_steps: int = 100
     """Checkpoint every this many steps; 0 disables step-based checkpoints."""
-    every_seconds: float = 0
-    """Also checkpoint when this many seconds passed since the last one; 0 disables it."""
+    every_seconds: float | str = 0.0
+    """Also checkpoint when this many seconds passed since the last one; 0 disables it; `auto`:
+    the Young–Daly interval from the measured save cost and the run's time between preemptions."""
+    min_seconds: float = 60
+    """`every_seconds: auto` never checkpoints more often than this."""
+    max_seconds: float = 1800
+    """`every_seconds: auto` never waits longer than this (also its choice before any preemption)."""
     keep_previous: bool = True
     """Keep the previous checkpoint as prev*.pt: the fallback if latest is unusable."""
+    asynchronous: bool = True
+    """`checkpoint.async`: write periodic checkpoints in a background thread from a snapshot."""
 
 
 @dataclass
@@ -188,7 +201,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (hint,) = [a for a in args if a is not type(None)]
+        *first, hint = [a for a in args if a is not type(None)]
+        for option in first:  # `float | str`: a number if it is one
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                pass
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -234,10 +252,15 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
+KEYWORD_KEYS = {"async": "asynchronous"}
+"""Config keys that are Python keywords, and the fields that hold them."""
+
+
 def _fill(target: Any, values: dict[str, Any], where: str) -> Any:
     """Set the dataclass `target`'s fields from `values`, rejecting unknown keys."""
     hints = typing.get_type_hints(type(target))
     for key, value in values.items():
+        key = KEYWORD_KEYS.get(key, key)
         if key not in hints:
             raise ConfigError(f"{where}.{key}: unknown key{_did_you_mean(key, hints)}; "
                               f"valid keys are {', '.join(hints)}")
@@ -318,7 +341,9 @@ def validate(cfg: Config) -> None:
     _require(t.log_every >= 1, "trainer.log_every", "must be at least 1")
     _require(t.eval_every >= 0, "trainer.eval_every", "must be 0 (off) or positive")
     _require(t.eval_batches >= 1, "trainer.eval_batches", "must be at least 1")
-    _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
+    _require(t.device in ("auto", "cpu", "cuda", "mps"), "trainer.device", "must be auto, cpu, cuda or mps")
+    _require(t.precision in ("auto", "bf16", "fp32"), "trainer.precision", "must be auto, bf16 or fp32")
+    _require(isinstance(t.compile, bool) or t.compile == "auto", "trainer.compile", "must be auto, true or false")
     _require(t.sample_tokens >= 0, "trainer.sample_tokens", "must be 0 (off) or positive")
     _require(t.sample_every >= 0, "trainer.sample_every", "must be 0 (off) or positive")
     _require(not t.sample_every or t.sample_tokens, "trainer.sample_every", "needs trainer.sample_tokens > 0")
@@ -352,7 +377,10 @@ def validate(cfg: Config) -> None:
                                  "xxh3_128"),
              "data.validate_hash", "must be unset or a hash streaming knows, e.g. sha1 or xxh64")
     _require(c.every_steps >= 0, "checkpoint.every_steps", "must be 0 (off) or positive")
-    _require(c.every_seconds >= 0, "checkpoint.every_seconds", "must be 0 (off) or positive")
+    _require(c.every_seconds == "auto" or (isinstance(c.every_seconds, float) and c.every_seconds >= 0),
+             "checkpoint.every_seconds", "must be 0 (off), a number of seconds or auto")
+    _require(0 < c.min_seconds <= c.max_seconds, "checkpoint.min_seconds",
+             "must be positive and at most checkpoint.max_seconds")
     _require(cfg.telemetry.system_every_s >= 0, "telemetry.system_every_s", "must be 0 (off) or positive")
     _require(cfg.telemetry.progress in ("auto", "always", "never"), "telemetry.progress", "must be auto, always or never")
     _require(cfg.watchdog.timeout_s >= 0, "watchdog.timeout_s", "must be 0 (off) or positive")

@@ -38,12 +38,20 @@ class World:
 
 
 def pick_device(preference: str, local_rank: int) -> torch.device:
+    """auto is cuda when one is visible, else cpu (never mps: ask for it by name)."""
     if preference == "cuda" and not torch.cuda.is_available():
         raise UserError("trainer.device: cuda was asked for but no CUDA device is visible; "
                         "use trainer.device=auto or cpu, or run where a GPU is attached")
+    if preference == "mps" and not torch.backends.mps.is_available():
+        raise UserError("trainer.device: mps was asked for but this machine has no usable MPS device "
+                        "(Apple silicon with an MPS build of torch); use trainer.device=auto or cpu")
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
+        # TF32 tensor cores for the float32 matmuls left outside autocast (set once, per process).
+        torch.set_float32_matmul_precision("high")
         return torch.device("cuda", local_rank)
+    if preference == "mps":
+        return torch.device("mps")
     return torch.device("cpu")
 
 
@@ -57,7 +65,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 def init(device_preference: str = "auto", timeout_s: float = 600) -> World:
-    """Read torchrun's environment and join the process group (nccl on GPU, gloo on CPU)."""
+    """Read torchrun's environment and join the process group (nccl on CUDA, gloo otherwise)."""
     rank, world_size, local_rank = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
     local_world = _env_int("LOCAL_WORLD_SIZE", world_size)
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
@@ -65,8 +73,13 @@ def init(device_preference: str = "auto", timeout_s: float = 600) -> World:
         raise UserError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set; launch with torchrun, "
                         "or unset WORLD_SIZE for a single process")
     device = pick_device(device_preference, local_rank)
+    if world_size > 1 and device.type == "mps":
+        # gloo, the only backend that runs on a Mac, takes CPU and CUDA tensors only: DDP's
+        # gradient all-reduce cannot run on MPS tensors (pytorch/pytorch#160732).
+        raise UserError(f"trainer.device: mps runs one process, not {world_size}; launch without torchrun "
+                        "(or --nproc-per-node 1), or use trainer.device=cpu for several ranks")
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"  # gloo: CPU (and MPS laptops, one process)
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     if device.type == "cpu":  # share the cores among the ranks of this machine
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))

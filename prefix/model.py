@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from prefix.config import ModelConfig
 
@@ -98,6 +99,9 @@ class GPT(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied: one Parameter, saved under both names
+        # trainer.activation_checkpointing: recompute each block in backward. A plain attribute, not
+        # state, so the state_dict (the checkpoint format) is the same with it on or off.
+        self.activation_checkpointing = False
         # Derived from the config, so recomputed rather than stored in checkpoints.
         cos, sin = rope_cache(cfg.d_model // cfg.n_head, cfg.seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -127,8 +131,10 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds model.seq_len={self.cfg.seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.tok_emb(idx)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cos, sin)
+            # Non-reentrant checkpointing: keeps only each block's input, reruns the block in backward.
+            x = checkpoint(block, x, cos, sin, use_reentrant=False) if recompute else block(x, cos, sin)
         logits = self.head(self.norm(x)).float()
         loss = None
         if targets is not None:
@@ -171,13 +177,15 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6·N for matmuls forward+backward, plus attention (PaLM appendix B)."""
+        """Training FLOPs per token, PaLM appendix B (as nanoGPT): 6·N + 12·L·H·Q·T, where 6·N covers the
+        weight matmuls forward and backward and 12·L·H·Q·T the attention scores and values (H·Q = d_model,
+        T = seq_len). Recomputation by activation checkpointing is not counted: MFU, not HFU."""
         c = self.cfg
         return 6 * self.num_params() + 12 * c.n_layer * c.d_model * c.seq_len
 
 
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
-                   "L40S": 362e12, "A10G": 70e12, "L4": 121e12, "V100": 125e12}
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
+                   "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12, "V100": 125e12}
 """Dense bf16 (fp16 for V100) tensor-core peaks without sparsity, by a substring of the device name."""
 
 

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = GPT(cfg.model).to(world.device)
     seed_everything(cfg.run.seed + world.rank)  # then one RNG stream per rank
-    train = TrainStream(cfg, sources, accum)
+    train = TrainStream(cfg, sources, accum, pin_memory=world.device.type == "cuda")
     trainer = sampler = None
     exit_code = 1  # what the registry records if this start dies of an unexpected error
     try:

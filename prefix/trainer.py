@@ -9,24 +9,26 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from prefix import distributed
-from prefix.checkpoint import Checkpointer, rng_state
+from prefix.checkpoint import Checkpointer, SaveResult, rng_state
+from prefix.checkpoint.interval import AutoInterval
 from prefix.config import Config, TrainerConfig
 from prefix.data.loader import TrainStream, ValStream
 from prefix.data.tokenizers import Tokenizer
 from prefix.distributed import World
 from prefix.errors import UserError
+from prefix.fast_path import autocast, autocast_dtype, wants_compile, wrap
 from prefix.goodput import Ledger
 from prefix.model import GPT, param_groups, peak_flops
 from prefix.preemption import EXIT_PREEMPTED, Preemption
 from prefix.run_manager import RunManager
+from prefix.runs import read_jsonl
 from prefix.sample import generate
 from prefix.telemetry import Progress
 from prefix.watchdog import Watchdog
@@ -48,10 +50,13 @@ class TrainingFailed(UserError):
 
 
 def build_optimizer(model: GPT, t: TrainerConfig) -> torch.optim.Optimizer:
+    """AdamW is fused (one CUDA kernel for the whole update, not several per tensor) when the weights
+    are on a GPU; its state_dict has the same keys either way."""
     groups = param_groups(model, t.weight_decay)
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.beta1, nesterov=True)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True if fused else None)
 
 
 class Trainer:
@@ -59,9 +64,11 @@ class Trainer:
                  tokenizer: Tokenizer | None, checkpointer: Checkpointer, preemption: Preemption,
                  run: RunManager, log: Any):
         t = cfg.trainer
-        self.cfg, self.world, self.raw = cfg, world, model
-        self.model = DDP(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None) \
-            if world.distributed else model
+        self.cfg, self.world, self.raw = cfg, world, model  # raw: the plain GPT, whose state is checkpointed
+        model.activation_checkpointing = t.activation_checkpointing
+        self.amp_dtype = autocast_dtype(t.precision, world.device)
+        self.compiled = wants_compile(t.compile, world.device)
+        self.model = wrap(model, world, self.compiled)
         self.optimizer = build_optimizer(model, t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, t=t))
         self.train, self.val, self.tokenizer = train, val, tokenizer
@@ -83,6 +90,14 @@ class Trainer:
         self.data_wait = 0.0  # seconds spent waiting for batches since the last log line
         # watchdog: hang detection on every rank, heartbeat file on rank 0 (prefix/watchdog.py)
         self.watchdog = Watchdog(cfg.watchdog.timeout_s, run_dir.logs, world.rank, log)
+        self.interval: AutoInterval | None = None  # with checkpoint.every_seconds: auto
+        if world.is_main:
+            log.info("fast path", device=str(world.device), precision="bf16" if self.amp_dtype else "fp32",
+                     compile=self.compiled, fused_adamw=bool(self.optimizer.param_groups[0].get("fused")),
+                     activation_checkpointing=t.activation_checkpointing)
+
+    def autocast(self) -> AbstractContextManager:
+        return autocast(self.amp_dtype, self.world.device)
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -100,7 +115,11 @@ class Trainer:
             raise TrainingFailed(f"model: the checkpoint's weights do not fit this model ({first}); "
                                  "restore the model.* values or start a new --run-name") from None
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
+        # torch places AdamW's `step` counts by the saved groups' `fused` flag (on the GPU when fused, else
+        # as saved); load them as this run steps, so a CPU checkpoint resumes fused on a GPU and back.
+        fused, saved = configured[0].get("fused"), state["optimizer"]
+        saved = {**saved, "param_groups": [{**g, "fused": fused} for g in saved["param_groups"]]}
+        self.optimizer.load_state_dict(saved)
         self.scheduler.load_state_dict(state["scheduler"])
         # The config's hyperparameters win over the checkpoint's, so an accepted change (lr, betas,
         # weight decay, schedule) takes effect; with an unchanged config this recomputes the same lr.
@@ -116,24 +135,61 @@ class Trainer:
             self.train.load_state_dict(state["dataloader"])
 
     def save(self, final: bool) -> None:
+        """Periodic saves are written in the background (`checkpoint.async`); the final one is not."""
+        ck = self.checkpointer
+        if ck.in_flight is not None:  # at most one write in flight: wait for it
+            step, began = ck.in_flight, time.monotonic()
+            self.conclude()
+            self.log.info("checkpoint: waited for the previous write", step=step,
+                          seconds=round(time.monotonic() - began, 3))
+            if ck.committed_step == self.step:
+                return
+        if final or not self.cfg.checkpoint.asynchronous:
+            self.report(ck.save(self.step, self.state_dict, {"rng": rng_state()}), final)
+        else:
+            ck.start(self.step, self.state_dict, {"rng": rng_state()})
+            self.log.debug("checkpoint write started", step=self.step)
+
+    def conclude(self) -> None:
+        """Record and commit the write in flight (collective; waits for this rank's writer)."""
+        self.report(self.checkpointer.finish(), final=False)
+
+    def report(self, result: SaveResult, final: bool) -> None:
         """A failed periodic save is retried at the next interval; a failed final save ends the run."""
-        result = self.checkpointer.save(self.step, self.state_dict, {"rng": rng_state()})
+        self.run.log_metrics("checkpoint", result.step, {
+            "stall_s": result.stall_s, "write_s": result.write_s, "bytes": result.bytes,
+            "async": result.background, "ok": result.error is None})
         if result.error is None:
-            self.log.info("checkpoint saved", step=self.step, seconds=round(result.seconds, 3))
+            self.log.info("checkpoint saved", step=result.step, stall_s=round(result.stall_s, 3),
+                          write_s=round(result.write_s, 3), background=result.background)
+            if self.interval is not None:
+                self.interval.observe(result.stall_s)
+                self.checkpointer.every_seconds = self.interval.seconds()
             return
         where = self.checkpointer.resume_point()
         if final:
-            raise TrainingFailed(f"checkpoint: the final save at step {self.step} failed ({result.error}); "
+            raise TrainingFailed(f"checkpoint: the final save at step {result.step} failed ({result.error}); "
                                  f"a restart resumes from {where}; free space on (or repair) the volume of "
                                  f"{self.checkpointer.folder} and restart")
         self.log.warning("checkpoint failed; training goes on and retries at the next interval",
-                         step=self.step, error=result.error, restart_resumes_from=where)
+                         step=result.step, error=result.error, restart_resumes_from=where)
+
+    def choose_interval(self) -> None:
+        """`checkpoint.every_seconds: auto`: rank 0 reads the run's history; every rank uses its choice."""
+        c = self.cfg.checkpoint
+        if c.every_seconds != "auto":
+            return
+        self.interval = distributed.on_main(self.world, lambda: AutoInterval.of(
+            c.min_seconds, c.max_seconds, self.run.dir.starts(), read_jsonl(self.run.dir.metrics / "checkpoint.jsonl")))
+        self.checkpointer.every_seconds = self.interval.seconds()
+        self.log.info("checkpoint interval (auto, Young-Daly)", **self.interval.inputs())
 
     # -- loop -----------------------------------------------------------------------------
     def fit(self) -> int:
         """Train to max_steps (exit 0) or until the ranks agree to stop (exit 143)."""
         self.watchdog.start(self.step)  # armed before the first step: a hang in it is caught too
         self.ledger.opened(self.step)
+        self.choose_interval()
         self.progress = Progress(self.cfg.telemetry.progress, self.world.is_main, self.cfg.trainer.max_steps, self.step)
         try:
             return self._loop()
@@ -142,14 +198,18 @@ class Trainer:
             self.ledger.flush(self.step)
 
     def _loop(self) -> int:
-        t = self.cfg.trainer
+        t, ck = self.cfg.trainer, self.checkpointer
         with self.preemption.armed():
             while True:
-                stop, time_due = distributed.any_true(self.world, self.preemption.requested,
-                                                      self.checkpointer.seconds_due())
+                # One small all-reduce per step: a signal anywhere, the time-based interval, a write still running.
+                stop, time_due, writing = distributed.any_true(self.world, self.preemption.requested,
+                                                               ck.seconds_due(), ck.busy)
                 finished = self.step >= t.max_steps
-                unsaved = self.step > 0 and self.step != self.checkpointer.committed_step
-                if unsaved and (stop or finished or time_due or self.checkpointer.steps_due(self.step)):
+                if ck.in_flight is not None and (not writing or stop or finished):
+                    with self.ledger.spend("checkpoint"):
+                        self.conclude()  # written everywhere, or the final flush must wait for it
+                unsaved = self.step > 0 and self.step != ck.committed_step
+                if unsaved and (stop or finished or time_due or ck.steps_due(self.step)):
                     with self.ledger.spend("checkpoint"):
                         self.save(final=stop or finished)
                 if stop:
@@ -191,8 +251,9 @@ class Trainer:
             self.data_wait += time.perf_counter() - waited
             last = micro == self.accum - 1
             with nullcontext() if last or not self.world.distributed else self.model.no_sync():
-                _, loss = self.model(batch.inputs.to(device, non_blocking=True),
-                                     batch.targets.to(device, non_blocking=True))
+                with self.autocast():
+                    _, loss = self.model(batch.inputs.to(device, non_blocking=True),
+                                         batch.targets.to(device, non_blocking=True))
                 (loss / self.accum).backward()
             loss_sum += loss.detach()
             if self.samples:
@@ -258,7 +319,8 @@ class Trainer:
         self.raw.eval()
         total, count = 0.0, 0
         for batch in self.val:
-            _, loss = self.raw(batch.inputs.to(self.world.device), batch.targets.to(self.world.device))
+            with self.autocast():
+                _, loss = self.raw(batch.inputs.to(self.world.device), batch.targets.to(self.world.device))
             total += loss.item() * batch.targets.numel()
             count += batch.targets.numel()
         self.raw.train()
@@ -275,5 +337,6 @@ class Trainer:
 
     def close(self) -> None:
         self.watchdog.stop()  # every exit (0, 143, a UserError, a crash) ends the watch here at the latest
+        self.checkpointer.close()  # an error left a write in flight: let it end, remove its files
         if self.samples:
             self.samples.close()

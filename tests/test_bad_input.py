@@ -118,7 +118,7 @@ ROWS = [
     row("indivisible-batch", "trainer.global_batch_size: 10 is not divisible", "trainer.global_batch_size=10",
         "trainer.micro_batch_size=4"),
     row("heads", "model.d_model: 64 is not divisible by model.n_head=3", "model.n_head=3"),
-    row("device", "trainer.device: must be auto, cpu or cuda", "trainer.device=tpu"),
+    row("device", "trainer.device: must be auto, cpu, cuda or mps", "trainer.device=tpu"),
     row("cuda-missing", "trainer.device: cuda was asked for but no CUDA device is visible", "trainer.device=cuda",
         marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is attached")),
     row("remote-without-local", "data.local: must be set when data.remote is set", "data.remote=s3://b/x"),

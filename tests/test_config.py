@@ -46,6 +46,11 @@ def test_overrides_are_typed_and_applied():
     (["data.local=/a", "data.cache_limit=50gb"], "data.cache_limit: applies to the cache of remote data only"),
     (["data.local=/a", "data.remote=/r", "data.cache_limit=lots"], "data.cache_limit: 'lots' is not a size"),
     (["data.validate_hash=crc"], "data.validate_hash: must be unset or a hash streaming knows"),
+    (["trainer.device=tpu"], "trainer.device: must be auto, cpu, cuda or mps"),
+    (["trainer.precision=fp16"], "trainer.precision: must be auto, bf16 or fp32"),
+    (["trainer.compile=maybe"], "trainer.compile: must be auto, true or false"),
+    (["trainer.compile=1"], "trainer.compile: must be auto, true or false"),
+    (["trainer.activation_checkpointing=auto"], "trainer.activation_checkpointing: expected bool"),
 ])
 def test_bad_values_name_the_key_and_the_fix(overrides, fragment):
     with pytest.raises(ConfigError) as err:

@@ -6,6 +6,7 @@ Real torchrun, 2 ranks on gloo, real signals, real files.
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,39 @@ def test_sigkill_redoes_only_steps_since_last_checkpoint(baseline: Path, tmp_pat
     starts = read_jsonl(run_dir / "meta" / "starts.jsonl")
     resumed = starts[-1]["start_step"]
     assert resumed == saved and killed_at - resumed <= 10, "redo at most one checkpoint interval"
+    assert losses(run_dir) == losses(baseline)
+    assert_same_weights(checkpoint(run_dir)["model"], checkpoint(baseline)["model"])
+
+
+def test_sigkill_during_a_background_write_resumes_the_previous_checkpoint(baseline: Path, tmp_path: Path) -> None:
+    """Killed while an asynchronous write is in flight: its files stay temporary, the step before is resumed.
+
+    The kill lands as soon as a `.tmp` file appears; if the write had already been committed by then,
+    the run is resumed and killed again, until a kill caught a write in flight.
+    """
+    run_dir = tmp_path / "r"
+    folder = run_dir / "checkpoints"
+    caught = None
+    for attempt in range(6):
+        launch = Launch(train_cmd(2, "r", tmp_path, *SETTINGS), tmp_path / f"log{attempt}")
+        launch.wait_for_step(run_dir, max(losses(run_dir), default=0) + 3)
+        deadline = time.monotonic() + 60
+        while not list(folder.glob("*.tmp")) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        launch.kill_all()
+        started = [e["step"] for e in read_jsonl(run_dir / "logs" / "rank0.jsonl")
+                   if e["event"] == "checkpoint write started"]
+        committed = checkpoint(run_dir)["step"] if (folder / "latest.pt").exists() else 0
+        if list(folder.glob("*.tmp")) and started and committed < started[-1]:
+            caught = (started[-1], committed)
+            break
+    assert caught, "no kill landed while a write was in flight"
+    in_flight, committed = caught
+
+    last = Launch(train_cmd(2, "r", tmp_path, *SETTINGS), tmp_path / "log-last")
+    assert last.wait() == 0, (tmp_path / "log-last").read_text()[-3000:]
+    resumed = read_jsonl(run_dir / "meta" / "starts.jsonl")[-1]["start_step"]
+    assert resumed == committed < in_flight
     assert losses(run_dir) == losses(baseline)
     assert_same_weights(checkpoint(run_dir)["model"], checkpoint(baseline)["model"])
 

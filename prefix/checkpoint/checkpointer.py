@@ -8,11 +8,18 @@ A save has three phases:
    see `_publish`), renames the temporary file to `latest*` and fsyncs the folder; a barrier.
 A failed save removes its temporary files and changes nothing else: the last committed step stays
 where it was, and the trainer decides whether to go on (periodic save) or give up (final save).
+
+Asynchronous saves (`start`, then `finish`) run phase 1 in a background thread on a snapshot of
+the state (see `snapshot`), while training goes on; phases 2 and 3 are collectives, so they stay on
+the step loop's thread, which calls `finish` once no rank is still `busy` writing.
+At most one write is in flight: a save due before the last one finished waits for it. A crash
+while a write is in flight leaves only temporary files: the previous step stays the resume point.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +32,7 @@ from prefix import distributed
 from prefix.checkpoint import files
 from prefix.checkpoint.files import FORMAT_VERSION, FileSum, global_name, rank_name, tmp
 from prefix.checkpoint.resume import Finding, Resume, choose
+from prefix.checkpoint.snapshot import Snapshot
 from prefix.config import CheckpointConfig
 from prefix.distributed import World
 
@@ -32,9 +40,42 @@ from prefix.distributed import World
 @dataclass(frozen=True)
 class SaveResult:
     step: int
-    seconds: float
+    stall_s: float
+    """Seconds the step loop was blocked by this save (snapshot, waits, record and commit)."""
+    write_s: float
+    """Seconds this rank's files took to write (in the background when asynchronous)."""
+    bytes: int
+    """Bytes of this rank's files."""
+    background: bool
     error: str | None = None
     """Why the save failed on some rank ("rank 1: No space left on device"); None if committed."""
+
+
+def _size(sums: dict[str, FileSum] | None) -> int:
+    return sum(s.bytes for s in (sums or {}).values())
+
+
+class _Write:
+    """Phase 1 of one save, in a thread: the files of `step`, their sums or the OSError's text."""
+
+    def __init__(self, step: int, work: Callable[[], dict[str, FileSum]], stall_s: float):
+        self.step, self.stall_s = step, stall_s
+        self.sums: dict[str, FileSum] | None = None
+        self.error: str | None = None
+        self.crash: BaseException | None = None
+        self.write_s = 0.0
+        self.thread = threading.Thread(target=self._run, args=(work,), name=f"checkpoint-write-{step}", daemon=True)
+        self.thread.start()
+
+    def _run(self, work: Callable[[], dict[str, FileSum]]) -> None:
+        start = time.monotonic()
+        try:
+            self.sums = work()
+        except OSError as e:
+            self.error = _describe(e)
+        except BaseException as e:  # a bug, not the disk: raised again on the step loop's thread
+            self.crash = e
+        self.write_s = time.monotonic() - start
 
 
 def _describe(error: OSError) -> str:
@@ -54,6 +95,10 @@ class Checkpointer:
         self._previous_step: int | None = None  # committed before committed_step: prev*'s step
         self._manifest: Path | None = None  # written by the save in progress
         self._last_save_time = time.monotonic()
+        self.every_seconds = float(cfg.every_seconds) if cfg.every_seconds != "auto" else 0.0
+        """The time-based interval in force (`checkpoint.every_seconds`, or the automatic choice)."""
+        self._snapshot = Snapshot()
+        self._write: _Write | None = None  # the asynchronous write in flight
 
     # -- resume -------------------------------------------------------------------------
     def find(self) -> tuple[Resume | None, list[Finding]]:
@@ -86,7 +131,7 @@ class Checkpointer:
 
     # -- save ---------------------------------------------------------------------------
     def seconds_due(self) -> bool:
-        s = self.cfg.every_seconds
+        s = self.every_seconds
         return bool(s) and time.monotonic() - self._last_save_time >= s
 
     def steps_due(self, step: int) -> bool:
@@ -94,13 +139,63 @@ class Checkpointer:
 
     def save(self, step: int, global_state: Callable[[], dict[str, Any]],
              rank_state: dict[str, Any]) -> SaveResult:
-        """Collective: write, record, commit. A disk error on any rank fails the save on all."""
+        """Collective and synchronous: write, record, commit. A disk error on any rank fails it on all."""
         start = time.monotonic()
         sums, error = None, None
         try:
             sums = self.write(step, global_state, rank_state)
         except OSError as e:
             error = _describe(e)
+        written = time.monotonic()
+        self._last_save_time = start
+        verdict = self._conclude(step, sums, error)
+        return SaveResult(step, time.monotonic() - start, written - start, _size(sums), False, verdict)
+
+    def start(self, step: int, global_state: Callable[[], dict[str, Any]], rank_state: dict[str, Any]) -> None:
+        """Snapshot the state and write it in the background; `finish` must follow before another save."""
+        assert self._write is None, "finish() the write in flight first"
+        begin = time.monotonic()
+        snapshot = self._snapshot
+        copy = snapshot.take({"rank": rank_state, "global": global_state() if self.world.is_main else None})
+
+        def work() -> dict[str, FileSum]:
+            snapshot.wait()
+            return self.write(step, lambda: copy["global"], copy["rank"])
+
+        self._last_save_time = begin
+        self._write = _Write(step, work, time.monotonic() - begin)
+
+    @property
+    def in_flight(self) -> int | None:
+        """The step of the asynchronous save not yet finished, if any."""
+        return None if self._write is None else self._write.step
+
+    @property
+    def busy(self) -> bool:
+        """This rank is still writing the save in flight (the trainer all-reduces it with its flags)."""
+        return self._write is not None and self._write.thread.is_alive()
+
+    def finish(self) -> SaveResult:
+        """Collective: wait for this rank's write in flight, then record and commit it on every rank."""
+        write, begin = self._write, time.monotonic()
+        assert write is not None, "no save in flight"
+        write.thread.join()
+        self._write = None
+        if write.crash is not None:
+            raise write.crash
+        verdict = self._conclude(write.step, write.sums, write.error)
+        return SaveResult(write.step, write.stall_s + time.monotonic() - begin, write.write_s, _size(write.sums),
+                          True, verdict)
+
+    def close(self) -> None:
+        """Leaving without finishing (an error): let the write end, and remove what it wrote."""
+        if self._write is not None:
+            self._write.thread.join()
+            self._write = None
+            self.discard()
+
+    def _conclude(self, step: int, sums: dict[str, FileSum] | None, error: str | None) -> str | None:
+        """Phases 2 and 3: rank 0 gathers the outcomes and records the manifest; every rank commits."""
         outcomes = distributed.gather(self.world, (sums, error))
         verdict = None
         if self.world.is_main:
@@ -118,8 +213,7 @@ class Checkpointer:
             self.prune(step)
         else:
             self.discard()
-        self._last_save_time = time.monotonic()
-        return SaveResult(step, self._last_save_time - start, verdict)
+        return verdict
 
     def write(self, step: int, global_state: Callable[[], dict[str, Any]],
               rank_state: dict[str, Any]) -> dict[str, FileSum]:

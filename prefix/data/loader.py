@@ -129,8 +129,12 @@ class Batch:
     index: torch.Tensor
 
     @classmethod
-    def of(cls, sample: dict[str, np.ndarray], seq_len: int, vocab_size: int) -> Batch:
-        """Crop to seq_len + 1 ids; an id the model has no embedding for stops the run here, on the CPU."""
+    def of(cls, sample: dict[str, np.ndarray], seq_len: int, vocab_size: int, pin: bool = False) -> Batch:
+        """Crop to seq_len + 1 ids; an id the model has no embedding for stops the run here, on the CPU.
+
+        `pin` (CUDA): page-locked memory, so the trainer's `.to(device, non_blocking=True)` is a real
+        asynchronous copy. Pinned here, not by the DataLoader: its `pin_memory` skips numpy arrays.
+        """
         tokens = torch.from_numpy(sample["tokens"][:, : seq_len + 1])
         low, high = torch.aminmax(tokens)
         if low < 0 or high >= vocab_size:
@@ -138,6 +142,8 @@ class Batch:
             raise UserError(f"data: a sample holds token id {bad}, outside model.vocab_size={vocab_size}; "
                             f"set model.vocab_size to at least {int(high) + 1}, or use data made with the "
                             "model's tokenizer")
+        if pin:
+            tokens = tokens.pin_memory()  # inputs and targets are views of it, pinned too
         return cls(tokens[:, :-1], tokens[:, 1:], torch.from_numpy(sample["index"]))
 
 
@@ -160,8 +166,9 @@ def _end_epoch(iterator, dataset: StreamingDataset) -> None:
 class TrainStream:
     """Micro-batches for one rank, epoch after epoch, with an exact, resumable position."""
 
-    def __init__(self, cfg: Config, sources: list[Source], accum: int):
+    def __init__(self, cfg: Config, sources: list[Source], accum: int, pin_memory: bool = False):
         self.seq_len, self.vocab_size = cfg.model.seq_len, cfg.model.vocab_size
+        self.pin_memory = pin_memory  # page-locked batches for asynchronous copies to a CUDA device
         self.validate_hash = cfg.data.validate_hash
         self.versions = [s.version for s in sources]
         self.dataset = _dataset(cfg, sources, cfg.data.train_split, cfg.data.shuffle, cfg.data.num_workers)
@@ -213,7 +220,7 @@ class TrainStream:
         except StopIteration:
             raise self._short_epoch() from None
         self.consumed += 1
-        return Batch.of(sample, self.seq_len, self.vocab_size)
+        return Batch.of(sample, self.seq_len, self.vocab_size, self.pin_memory)
 
     def _short_epoch(self) -> UserError:
         """streaming ends an epoch early when a shard cannot be had; say which, if we can tell."""
