@@ -11,9 +11,11 @@ COMMANDS = {"train": "train a model, resuming the run if it exists (see `prefix 
             "data": "prepare datasets from text or token files, train tokenizers (see `prefix data --help`)",
             "runs": "list the runs under the runs root: status, step, restarts (--reindex rebuilds the index)",
             "status": "one run: step, target, ETA, last checkpoint, restarts, heartbeat",
-            "sample": "generate text from a run's latest checkpoint with its tokenizer",
-            "report": "one run's loss and throughput figures with restarts marked, and a markdown summary"}
-MODULES = {"data": "prefix.data.commands", "runs": "prefix.status:runs_main", "status": "prefix.status:status_main"}
+            "sample": "generate text from a run's latest checkpoint, or an exported folder, with its tokenizer",
+            "report": "one run's loss and throughput figures with restarts marked, and a markdown summary",
+            "export": "write a run's checkpoint as a Hugging Face Llama folder (safetensors, config, tokenizer)"}
+MODULES = {"data": "prefix.data.commands", "runs": "prefix.status:runs_main", "status": "prefix.status:status_main",
+           "export": "prefix.export:export_main"}
 """Commands whose entry point is not `prefix.<command>:main`."""
 
 

@@ -91,6 +91,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    tie_embeddings: bool = True
+    """The output head shares the token embedding's weight; false: a separate head (most Llama models)."""
+    init_from: str | None = None
+    """A local Hugging Face Llama folder (config.json + *.safetensors) whose weights a fresh run starts
+    from; its shape must match the model.* keys. Ignored when the run resumes from a checkpoint."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ from prefix.errors import UserError
 PROTECTED = (
     "run.seed",
     "model.vocab_size", "model.seq_len", "model.n_layer", "model.n_head", "model.d_model", "model.mlp_hidden",
-    "model.rope_theta", "model.norm_eps",
+    "model.rope_theta", "model.norm_eps", "model.tie_embeddings",
     "data.local", "data.remote", "data.streams", "data.train_split", "data.shuffle", "data.shuffle_seed", "data.shuffle_algo",
     "data.num_canonical_nodes", "data.shuffle_block_size",
     "trainer.global_batch_size", "trainer.optimizer",

@@ -3,7 +3,9 @@
 Written to be read top to bottom (in the spirit of nanoGPT). Parameter names are part of the
 checkpoint format, so keep them stable: `tok_emb.weight`, `blocks.{i}.attn.qkv.weight`,
 `blocks.{i}.attn.proj.weight`, `blocks.{i}.mlp.{gate,up,down}.weight`, `blocks.{i}.{attn,mlp}_norm.weight`,
-`norm.weight` (and `head.weight`, the same tensor as `tok_emb.weight`).
+`norm.weight` and `head.weight` (the same tensor as `tok_emb.weight` unless `model.tie_embeddings` is
+false). It is a Llama without grouped-query attention: prefix.hf converts it to and from Hugging Face's
+`LlamaForCausalLM` (docs/interop.md).
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.head.weight = self.tok_emb.weight  # tied: one Parameter, saved under both names
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight  # tied: one Parameter, saved under both names
         # trainer.activation_checkpointing: recompute each block in backward. A plain attribute, not
         # state, so the state_dict (the checkpoint format) is the same with it on or off.
         self.activation_checkpointing = False
@@ -112,7 +115,7 @@ class GPT(nn.Module):
         """N(0, init_std); residual output projections shrunk by 1/sqrt(2·n_layer) (GPT-2) so the
         residual stream's variance does not grow with depth. RMSNorm keeps its default ones."""
         std = self.cfg.init_std
-        if module is self.head:
+        if module is self.head and self.cfg.tie_embeddings:
             return  # its weight is the embedding, initialised once there
         if isinstance(module, nn.Linear):
             if getattr(module, "residual_out", False):

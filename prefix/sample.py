@@ -2,7 +2,8 @@
 
 The checkpoint is chosen and verified as a resume would choose it (checksums, fallback to prev);
 the tokenizer is the copy each start saves in `meta/tokenizer/`, so sampling needs neither the
-dataset nor a GPU, and works while the run trains.
+dataset nor a GPU, and works while the run trains. `prefix sample DIR` (a folder with config.json:
+a `prefix export`, or a Hugging Face Llama) samples from that folder's weights and tokenizer instead.
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ def sample(run_dir: RunDir, prompt: str, tokens: int, seed: int, temperature: fl
 
 
 def main(argv: list[str] | None = None) -> int:
+    from prefix import hf
+
     p = argparse.ArgumentParser(prog="prefix sample", description=__doc__.splitlines()[0])
-    p.add_argument("run", help="run name")
+    p.add_argument("run", help="run name, or a model folder (config.json + safetensors: prefix export's output)")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
@@ -76,8 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs-root", help="folder of run directories (default: $PREFIX_RUNS_ROOT, else ./runs)")
     args = p.parse_args(argv)
     try:
-        text = sample(RunDir(runs_root(args.runs_root) / args.run), args.prompt, args.tokens, args.seed,
-                      args.temperature, args.top_k)
+        if hf.is_model_folder(Path(args.run).expanduser()):
+            folder = Path(args.run).expanduser()
+            tokenizer, model = hf.load_tokenizer(folder), hf.load_model(folder)
+            print(f"model folder {folder}", file=sys.stderr)
+            text = generate(model, tokenizer, args.prompt, args.tokens, args.seed, torch.device("cpu"),
+                            args.temperature, args.top_k)
+        else:
+            text = sample(RunDir(runs_root(args.runs_root) / args.run), args.prompt, args.tokens, args.seed,
+                          args.temperature, args.top_k)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

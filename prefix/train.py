@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefix import config, distributed, drift
+from prefix import config, distributed, drift, hf
 from prefix.checkpoint import Checkpointer, log_findings, set_rng_state
 from prefix.errors import UserError
 from prefix.preemption import Preemption, default_actions
@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if start_step >= cfg.trainer.max_steps:  # decided before any data pipeline exists
         log.info("run already finished; nothing to do", step=start_step, max_steps=cfg.trainer.max_steps)
         return 0
+    init = hf.check_init_from(cfg.model) if cfg.model.init_from and state is None else None  # fresh start
 
     # Imported here: streaming and the model are not needed to decide "already finished".
     from prefix.data import streams
@@ -79,13 +80,15 @@ def run(args: argparse.Namespace) -> int:
 
     clean_node(world, log)  # before any dataset: streaming's shared memory of killed runs
     sources = streams.resolve(cfg, world, log)
-    streams.check_vocab(sources, cfg.model.vocab_size)
+    streams.check_vocab(sources, cfg.model.vocab_size, cfg.model.init_from if init else None)
     tokenizer = streams.tokenizer(sources)
     if state is not None and state.get("dataloader"):
         drift.check_data_versions(state["dataloader"].get("versions"), [s.version for s in sources], start_step,
                                   args.allow_config_change)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = GPT(cfg.model).to(world.device)
+    if init is not None:
+        init.load_into(model)  # before any step; the init draws above keep every RNG stream the same
     seed_everything(cfg.run.seed + world.rank)  # then one RNG stream per rank
     train = TrainStream(cfg, sources, accum, pin_memory=world.device.type == "cuda")
     trainer = sampler = None
@@ -103,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
                 save_tokenizer(run_dir.meta, tokenizer)  # for prefix sample
             log.info("starting", run=str(run_dir.path), world_size=world.world_size, accum=accum,
                      restarts=restarts, device=str(world.device), config_changes=changes or None)
+            hf.log_init(log, init, cfg.model, start_step)
         trainer = Trainer(cfg, world, model, train, val, tokenizer, checkpointer, Preemption(), run, log)
         if state is not None:
             trainer.load_state_dict(state)

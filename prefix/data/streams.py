@@ -135,10 +135,14 @@ def resolve(cfg: Config, world: World, log: Any) -> list[Source]:
     return [Source("data", root)]
 
 
-def check_vocab(sources: list[Source], vocab_size: int) -> None:
+def check_vocab(sources: list[Source], vocab_size: int, init_from: str | None = None) -> None:
     """Refuse a model too small for a dataset's tokenizer before anything is trained."""
     for source in sources:
         needed = (source.manifest() or {}).get("vocab_size", 0)
+        if needed > vocab_size and init_from:
+            raise UserError(f"model.init_from: the model in {init_from} has {vocab_size} token ids, too few for "
+                            f"{source.key} (its tokenizer needs {needed}); train on data tokenized with the "
+                            "model's own tokenizer, or start from another model")
         if needed > vocab_size:
             raise UserError(f"model.vocab_size: {vocab_size} cannot hold the token ids of {source.key} "
                             f"(its tokenizer needs {needed}); set model.vocab_size={needed} or more")
