@@ -24,7 +24,11 @@ def test_goodput_parts_add_up_to_the_wall_time_across_restarts(tmp_path: Path) -
 
     started = time.monotonic()
     second = Launch(train_cmd(0, "r", tmp_path, *SETTINGS), tmp_path / "log2")
-    second.wait_for_step(run_dir, max(losses(run_dir)) + 32)
+    target = second.wait_for_step(run_dir, max(losses(run_dir)) + 32)
+    deadline = time.monotonic() + 60  # the ledger's line is written just after the metrics line: let it land
+    while max((line["step"] for line in read_jsonl(run_dir / "metrics" / "time.jsonl")), default=0) < target:
+        assert time.monotonic() < deadline, "no ledger line for the logged step"
+        time.sleep(0.01)
     second.kill_all()
     lifetimes.append(time.monotonic() - started)
 
