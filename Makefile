@@ -20,9 +20,9 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
-# Throughput ratios measured side by side (a few minutes): see docs/data.md#benchmark.
+# Every benchmark in bench/, ratios measured side by side (about 15 minutes); writes docs/benchmarks.md.
 bench: install
-	$(PY) bench/data_throughput.py
+	$(PY) bench/run_all.py
 
 lint: install
 	.venv/bin/ruff check .

@@ -6,7 +6,7 @@
    metrics of a real 2-rank torchrun of configs/demo.yaml.
 3. `prefix data prepare`: tokens/s with 1 and 2 worker processes, byte-level and with a trained BPE.
 
-Run: `make bench` (or `.venv/bin/python bench/data_throughput.py [--quick]`).
+Run: `make bench` (or `.venv/bin/python bench/data_throughput.py [--quick]`); figures in bench/results/data_throughput.json.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ def prepare_rates(megabytes: float) -> dict[str, dict[int, float]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller measurements (about a minute)")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for data_throughput.json")
     args = p.parse_args()
     n = 1 if args.quick else 3
 
@@ -122,9 +123,22 @@ def main() -> None:
     wait, step = data_wait_share(steps=40 * n)
     print(f"demo.yaml, 2 ranks: data_wait {1000 * wait:.2f} ms of {1000 * step:.1f} ms per step "
           f"= {100 * wait / step:.2f} % of step time (target < 1 %)")
+    figures = {"loader_samples_per_s": loader, "loop_samples_per_s": loop, "data_wait_s": wait, "step_time_s": step}
+    prepare_ratios = []
     for name, by_workers in prepare_rates(megabytes=10 * n).items():
         print(f"prepare ({name}): 1 worker {by_workers[1]:,.0f} tokens/s, 2 workers {by_workers[2]:,.0f} "
               f"tokens/s: 2 / 1 = {by_workers[2] / by_workers[1]:.2f}x")
+        figures.update({f"prepare_{name}_{w}_workers_tokens_per_s": rate for w, rate in by_workers.items()})
+        prepare_ratios.append((f"prepare ({name}): 2 workers ÷ 1 worker tokens/s", by_workers[2] / by_workers[1]))
+
+    import common  # bench/common.py: here, not at the top (prepare's workers import this script again)
+
+    checks = [common.check("loader ÷ training loop samples/s", loader / loop),
+              common.check("data_wait share of step time, 2 ranks", 100 * wait / step, unit="%", at_most=1),
+              *(common.check(what, ratio) for what, ratio in prepare_ratios)]
+    setup = (f"configs/demo.yaml on the CPU: loader alone vs. one rank's loop on batches in memory; data_wait of a "
+             f"{40 * n}-step 2-rank torchrun; prepare of {10 * n} MB of Python sources as JSON lines")
+    common.write_results(args.out, "data_throughput", args.quick, setup, figures, checks)
 
 
 if __name__ == "__main__":
