@@ -31,12 +31,16 @@ def transformers():
     """transformers, importable although this CPU torch's torchvision wheel fails to load (as compat.py)."""
     try:
         import torchvision  # noqa: F401
+        broken = False
     except Exception:  # RuntimeError: operator torchvision::nms does not exist
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[name]
         sys.modules["torchvision"] = None  # transformers then sees no torchvision
+        broken = True
     import transformers as tf
 
+    if broken:  # imported earlier in this process (streaming imports it), transformers decided it had one
+        tf.utils.import_utils._torchvision_available = False
     return tf
 
 
