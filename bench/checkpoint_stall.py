@@ -68,6 +68,7 @@ def main() -> None:
                      "synchronous; the asynchronous figures are not available")
     plain: list[float] = []
     plain_fsync: list[float] = []
+    sha256: list[float] = []
     stalls: dict[str, list[float]] = {mode: [] for mode in modes}
     writes: dict[str, list[float]] = {mode: [] for mode in modes}
     lost: dict[str, list[float]] = {mode: [] for mode in modes}
@@ -81,6 +82,7 @@ def main() -> None:
             state = common.plain_save(config, [*common.QUIET, *model], runs, repeats=saves)
             plain += state["save_s"]
             plain_fsync += state["save_fsync_s"]
+            sha256.append(state["sha256_s"])
             for mode, extra in modes.items():
                 noise.settle()
                 records = daemon_saves(config, [*shared, *extra], runs, f"{mode}{rep}", max_steps, every)
@@ -95,6 +97,7 @@ def main() -> None:
     plain_s = common.median(plain)
     figures: dict[str, object] = {"state_bytes": state["bytes"], "params": state["params"],
                                   "plain_save_s": plain_s, "plain_save_fsync_s": common.median(plain_fsync),
+                                  "sha256_of_state_s": common.median(sha256),
                                   "saves_per_mode": saves * reps, "async_available": available}
     for mode in ("sync", "async"):
         measured = mode in stalls

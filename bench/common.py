@@ -12,13 +12,14 @@ where a check is {"what", "value", "unit", "goal", "passed"} (`passed` None when
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -121,13 +122,6 @@ def tail(path: Path, chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.is_file() else "(no log)"
 
 
-def wait_for(launch: Launch, cond: Callable[[], object], timeout: float = 300) -> None:
-    outcome = launch.wait_for(cond, timeout)
-    if outcome != "hit":
-        launch.kill()
-        raise RuntimeError(f"{launch.log}: {outcome} before the awaited condition:\n{tail(launch.log)}")
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return Tail(path, from_start=True).read()
 
@@ -161,7 +155,8 @@ def median(values: Sequence[float]) -> float:
 
 def plain_save(config: Path, overrides: Sequence[str], folder: Path, repeats: int) -> dict[str, object]:
     """A bare loop's checkpoint: torch.save of {model, optimizer} state dicts of the same GPT and AdamW (one
-    update made, so the moments exist) to `folder`; seconds per save, without and with an fsync after it."""
+    update made, so the moments exist) to `folder`; seconds per save, without and with an fsync after it, and
+    of one SHA-256 of the file's bytes."""
     import torch
 
     from prefix import config as configuration
@@ -185,9 +180,12 @@ def plain_save(config: Path, overrides: Sequence[str], folder: Path, repeats: in
         os.close(fd)
         save_s.append(saved - begin)
         fsync_s.append(time.perf_counter() - begin)
-    size = path.stat().st_size
+    size, data = path.stat().st_size, path.read_bytes()
     path.unlink()
-    return {"save_s": save_s, "save_fsync_s": fsync_s, "bytes": size, "params": model.num_params()}
+    begin = time.perf_counter()
+    hashlib.sha256(data).hexdigest()  # what the daemon adds to every file it writes (its manifest's checksum)
+    return {"save_s": save_s, "save_fsync_s": fsync_s, "sha256_s": time.perf_counter() - begin, "bytes": size,
+            "params": model.num_params()}
 
 
 def check(what: str, value: float | None, unit: str = "×", at_most: float | None = None,
@@ -212,7 +210,7 @@ def write_results(out: Path, name: str, quick: bool, setup: str, figures: dict[s
     """Print the checks and write `<out>/<name>.json`."""
     for c in checks:
         shown = "not measured" if c["value"] is None else f"{c['value']:.3g}{c['unit'] if c['unit'] == '×' else ' ' + c['unit']}"
-        print(f"  {c['what']}: {shown} (goal {c['goal']}) {verdict(c)}")
+        print(f"  {c['what']}: {shown}" + (f" (goal {c['goal']}) {verdict(c)}" if c["goal"] != "—" else ""))
     for note in notes:
         print(f"  note: {note}")
     out.mkdir(parents=True, exist_ok=True)

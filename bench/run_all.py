@@ -5,6 +5,7 @@ bench/results/<name>.json; this script adds bench/results/machine.json and rende
 the line `<!-- hand-written -->` in docs/benchmarks.md is kept from one rendering to the next.
 
   .venv/bin/python bench/run_all.py                  # every benchmark (about 15 minutes on 2 cores)
+  .venv/bin/python bench/run_all.py --only startup   # one (or a few) again; the others' results are kept
   .venv/bin/python bench/run_all.py --render-only    # docs/benchmarks.md from the JSON files already there
   .venv/bin/python bench/run_all.py --quick --out /tmp/r --docs /tmp/b.md   # smoke test, quick modes
 """
@@ -45,15 +46,21 @@ def machine() -> dict[str, object]:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def run(out: Path, quick: bool) -> None:
-    host = machine()
-    runs = {}
-    for name in SCRIPTS:
+def run(out: Path, quick: bool, patience: float, names: list[str]) -> None:
+    host, previous = machine(), out / "machine.json"
+    runs = json.loads(previous.read_text()).get("runs", {}) if previous.is_file() and names != list(SCRIPTS) else {}
+    for name in names:
         print(f"== {name}", flush=True)
+        if not quick:  # on a shared machine: start each benchmark at a quiet moment if one comes
+            noise = common.Noise()
+            noise.settle(max_wait=patience, budget=patience)
+            runs[name] = {"waited_s": round(noise.waited)}  # replaces an earlier run's entry
+            if noise.waited > 1:
+                print(f"   waited {noise.waited:.0f} s for the other processes' CPU use to drop", flush=True)
         begin = time.monotonic()
         code = subprocess.run([sys.executable, str(common.REPO / "bench" / f"{name}.py"), "--out", str(out),
                                *(["--quick"] if quick else [])], cwd=common.REPO).returncode
-        runs[name] = {"seconds": round(time.monotonic() - begin, 1), "exit_code": code}
+        runs[name] = {**runs.get(name, {}), "seconds": round(time.monotonic() - begin, 1), "exit_code": code}
         if code != 0:
             (out / f"{name}.json").unlink(missing_ok=True)  # no stale figures beside a failed run
     host.update(load_after=list(os.getloadavg()), runs=runs, quick=quick,
@@ -71,13 +78,15 @@ def fmt(key: str, value: object) -> str:
         return ", ".join(fmt(key, v) for v in value)
     if not isinstance(value, (int, float)):
         return str(value)
+    if key.endswith("share"):
+        return f"{100 * value:.1f} %"
     if key.endswith("bytes"):
         return f"{value / 1e6:,.1f} MB"
     if key.endswith("per_s"):
         return f"{value:,.0f}"
     if key.endswith("_s"):
-        return f"{value:.3f} s"
-    if key == "params":
+        return f"{value:.3f} s" if value >= 0.1 else f"{1000 * value:.1f} ms"
+    if key.endswith("params"):
         return f"{value / 1e6:.2f}M"
     return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
 
@@ -91,7 +100,7 @@ def shown(check: dict) -> str:
 def section(name: str, body: dict, run: dict | None) -> list[str]:
     lines = [f"## {name} (`bench/{name}.py`)", ""]
     doc = (ast.get_docstring(ast.parse((common.REPO / "bench" / f"{name}.py").read_text())) or "").split("\n")[0]
-    took = f" Took {run['seconds']:.0f} s." if run else ""
+    took = f" Measured {body['date'][:16].replace('T', ' ')} UTC" + (f" in {run['seconds']:.0f} s." if run else ".")
     lines += [f"{doc} {body['setup']}.{took}" + (" **Quick mode.**" if body["quick"] else ""), ""]
     lines += ["| check | measured | goal | result |", "| --- | --- | --- | --- |"]
     lines += [f"| {c['what']} | {shown(c)} | {c['goal']} | {common.verdict(c)} |" for c in body["checks"]]
@@ -115,7 +124,7 @@ def render(out: Path, docs: Path) -> None:
              f"(all of them, {host.get('total_minutes', '?')} minutes here), or one with "
              "`.venv/bin/python bench/<name>.py` (`--quick`: seconds, a smoke test). Every result is a ratio of two "
              "measurements taken side by side in the same run, never one absolute time; on a shared 2-core machine "
-             "the figures move by ±25 % from run to run.", "",
+             "single runs move by ±10 % (more when other processes are busy), hence the repetitions and medians.", "",
              "## Summary", "", "| benchmark | check | measured | goal | result |", "| --- | --- | --- | --- | --- |"]
     for name, body in results.items():
         lines += [f"| [{name}](#{name}-bench{name}py) | {c['what']} | {shown(c)} | {c['goal']} | {common.verdict(c)} |"
@@ -143,9 +152,13 @@ def main() -> None:
     p.add_argument("--render-only", action="store_true", help="no runs: render the results already in --out")
     p.add_argument("--out", type=Path, default=common.RESULTS, help="results folder (default bench/results)")
     p.add_argument("--docs", type=Path, default=DOCS, help="the Markdown file to write (default docs/benchmarks.md)")
+    p.add_argument("--patience", type=float, default=600, help="seconds to wait before each benchmark for the "
+                   "machine's other processes to go quiet (default 600)")
+    p.add_argument("--only", nargs="+", choices=SCRIPTS, default=list(SCRIPTS), metavar="NAME",
+                   help="run these benchmarks only (the others' results stay as they are)")
     args = p.parse_args()
     if not args.render_only:
-        run(args.out, args.quick)
+        run(args.out, args.quick, args.patience, args.only)
     render(args.out, args.docs)
 
 

@@ -45,25 +45,28 @@ def sigterm_once(config: Path, overrides: list[str], nproc: int, runs: Path, nam
     saved = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)["step"]
     if saved != last:
         raise RuntimeError(f"latest.pt holds step {saved}, the last logged step is {last}")
-    return {"exit_s": exit_s, "to_saved_s": stopped[0]["t"] - sent_wall, "step": last}
+    step_s = common.median([r["step_time"] for r in common.read_jsonl(run_dir / "metrics" / "train.jsonl")][1:])
+    return {"exit_s": exit_s, "to_saved_s": stopped[0]["t"] - sent_wall, "step": last, "step_s": step_s}
 
 
 def measure(config: Path, overrides: list[str], nproc: int, reps: int, runs: Path, label: str,
             noise: common.Noise) -> dict:
-    plain, exits, saved = [], [], []
+    plain, exits, saved, steps = [], [], [], []
     for rep in range(reps):
         noise.settle()
-        state = common.plain_save(config, [*common.QUIET, *overrides], runs, repeats=1)
+        state = common.plain_save(config, [*common.QUIET, *overrides], runs, repeats=1 if reps == 1 else 3)
         plain += state["save_s"]
         noise.settle()
         run = sigterm_once(config, overrides, nproc, runs, f"{label}{rep}", step=3)
         exits.append(run["exit_s"])
         saved.append(run["to_saved_s"])
+        steps.append(run["step_s"])
         print(f"{label} rep {rep + 1}/{reps}: plain save {plain[-1]:.2f} s, SIGTERM → saved {saved[-1]:.2f} s, "
               f"→ exit {exits[-1]:.2f} s", flush=True)
     return {"params": state["params"], "state_bytes": state["bytes"], "plain_save_s": common.median(plain),
             "sigterm_to_saved_s": common.median(saved), "sigterm_to_exit_s": common.median(exits),
-            "saved_to_exit_s": common.median([e - s for e, s in zip(exits, saved, strict=True)])}
+            "saved_to_exit_s": common.median([e - s for e, s in zip(exits, saved, strict=True)]),
+            "step_s": common.median(steps)}  # a SIGTERM lands in a step, which finishes before the save
 
 
 def checks_of(figures: dict, label: str = "") -> list[dict]:
