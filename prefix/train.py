@@ -18,7 +18,7 @@ import torch
 from prefix import config, distributed, drift, hf
 from prefix.checkpoint import Checkpointer, log_findings, set_rng_state
 from prefix.errors import UserError
-from prefix.preemption import Preemption, default_actions
+from prefix.preemption import Preemption, default_actions, exit_promptly
 from prefix.registry import Registry
 from prefix.run_manager import RunManager
 from prefix.runs import RunDir, check_run_name, runs_root
@@ -152,4 +152,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_promptly(main())  # an unexpected error raises out of main() instead, with the usual teardown

@@ -145,7 +145,7 @@ class Trainer:
             if ck.committed_step == self.step:
                 return
         if final or not self.cfg.checkpoint.asynchronous:
-            self.report(ck.save(self.step, self.state_dict, {"rng": rng_state()}), final)
+            self.report(ck.save(self.step, self.state_dict, {"rng": rng_state()}, final), final)
         else:
             ck.start(self.step, self.state_dict, {"rng": rng_state()})
             self.log.debug("checkpoint write started", step=self.step)
@@ -261,6 +261,7 @@ class Trainer:
         clip = self.cfg.trainer.grad_clip or float("inf")
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), clip)
         if self.finite(loss_sum):
+            self.checkpointer.before_update()  # an asynchronous save copies the state until here
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -121,3 +121,20 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"weights differ in {different[:5]}"
+
+
+def isolation_prefix() -> list[str] | None:
+    """`unshare` arguments giving a command a private mount namespace (for its own /dev/shm), or None."""
+    candidates = [["unshare", "--mount", "--propagation", "private"]]
+    candidates.append(["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"])
+    if os.geteuid() != 0:
+        candidates.reverse()
+    for prefix in candidates:
+        try:
+            probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"],
+                                   capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if probe.returncode == 0:
+            return prefix
+    return None

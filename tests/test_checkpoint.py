@@ -9,6 +9,7 @@ inside the files themselves (truncation).
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -131,7 +132,7 @@ def test_keeps_latest_and_one_previous(tmp_path):
     cks = ranks(tmp_path)
     for step in (10, 20, 30):
         save(cks, step)
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(files.RETIRED))
     assert [n for n in names if n.endswith(".pt")] == [
         "latest.pt", "latest_rank0.pt", "latest_rank1.pt", "prev.pt", "prev_rank0.pt", "prev_rank1.pt"]
     assert sorted(int(n.split("-")[1]) for n in names if n.startswith("manifest-")) == [20, 30]
@@ -246,6 +247,41 @@ def test_a_save_that_fills_the_disk_fails_cleanly_and_keeps_the_last_checkpoint(
     (small_disk / "prev.pt").unlink()
     assert ck.save(40, state(40), {"marker": 40}).error is None
     assert choose(small_disk, 1)[0].step == 40
+
+
+def cleaned_up() -> None:
+    for thread in threading.enumerate():
+        if thread.name == "checkpoint-cleanup":
+            thread.join()
+
+
+def test_a_commit_only_drops_names_and_the_replaced_files_are_freed_in_the_background(tmp_path, monkeypatch):
+    """Freeing a large file takes ~0.3 s per GB: the commit must not pay it (nor a final save on its way out)."""
+    ck = Checkpointer(tmp_path, World(rank=0, world_size=1), CheckpointConfig())
+    links_of_replaced = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.exists(dst) and str(dst).endswith(".pt"):
+            links_of_replaced.append(os.stat(dst).st_nlink)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    state = {"marker": torch.zeros(4)}
+    for step in (10, 20, 30):
+        assert ck.save(step, lambda: state, {"marker": step}).error is None
+        cleaned_up()
+        assert not list(tmp_path.glob(f"{files.RETIRED}*"))
+    assert links_of_replaced and set(links_of_replaced) == {2}, "a replaced file had no second name"
+    assert ck.save(40, lambda: state, {"marker": 40}, final=True).error is None
+    cleaned_up()
+    assert sorted(p.name for p in tmp_path.glob(f"{files.RETIRED}*")) == [
+        "retired-latest.pt", "retired-latest_rank0.pt", "retired-prev.pt", "retired-prev_rank0.pt"]
+    ck.clean_temporary()  # the next start
+    cleaned_up()
+    assert not list(tmp_path.glob(f"{files.RETIRED}*"))
+    assert torch.load(tmp_path / "prev.pt", weights_only=True)["step"] == 30
+    assert choose(tmp_path, 1)[0].step == 40
 
 
 def test_temporary_files_of_an_interrupted_write_are_removed_at_start(tmp_path):

@@ -10,7 +10,6 @@ never stopped.
 
 from __future__ import annotations
 
-import os
 import random
 import shlex
 import socket
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import TINY, Launch, assert_same_weights, checkpoint, losses, read_jsonl
+from helpers import TINY, Launch, assert_same_weights, checkpoint, isolation_prefix, losses, read_jsonl
 
 from prefix.processes import ProcessTree
 
@@ -30,24 +29,7 @@ GRACE_S = 30  # Kubernetes' default terminationGracePeriodSeconds
 SURVIVOR_BOUND_S = 120  # generous: measured ~2 s on loopback (gloo sees the closed connection)
 
 
-def _isolation_prefix() -> list[str] | None:
-    """`unshare` arguments giving a command a private mount namespace (for its own /dev/shm), or None."""
-    candidates = [["unshare", "--mount", "--propagation", "private"]]
-    candidates.append(["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"])
-    if os.geteuid() != 0:
-        candidates.reverse()
-    for prefix in candidates:
-        try:
-            probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"],
-                                   capture_output=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if probe.returncode == 0:
-            return prefix
-    return None
-
-
-ISOLATE = _isolation_prefix()
+ISOLATE = isolation_prefix()
 pytestmark = pytest.mark.skipif(ISOLATE is None, reason="needs unshare with a mount namespace "
                                 "(a private /dev/shm per node, as each pod has)")
 

@@ -10,8 +10,10 @@ A failed save removes its temporary files and changes nothing else: the last com
 where it was, and the trainer decides whether to go on (periodic save) or give up (final save).
 
 Asynchronous saves (`start`, then `finish`) run phase 1 in a background thread on a snapshot of
-the state (see `snapshot`), while training goes on; phases 2 and 3 are collectives, so they stay on
-the step loop's thread, which calls `finish` once no rank is still `busy` writing.
+the state (see `snapshot`: the thread makes the copy too, while the next forward and backward run;
+the loop calls `before_update` before its optimizer step), while training goes on; phases 2 and 3
+are collectives, so they stay on the step loop's thread, which calls `finish` once no rank is
+still `busy` writing.
 At most one write is in flight: a save due before the last one finished waits for it. A crash
 while a write is in flight leaves only temporary files: the previous step stays the resume point.
 """
@@ -58,8 +60,8 @@ def _size(sums: dict[str, FileSum] | None) -> int:
 class _Write:
     """Phase 1 of one save, in a thread: the files of `step`, their sums or the OSError's text."""
 
-    def __init__(self, step: int, work: Callable[[], dict[str, FileSum]], stall_s: float):
-        self.step, self.stall_s = step, stall_s
+    def __init__(self, step: int, work: Callable[[], dict[str, FileSum]]):
+        self.step, self.stall_s = step, 0.0
         self.sums: dict[str, FileSum] | None = None
         self.error: str | None = None
         self.crash: BaseException | None = None
@@ -99,6 +101,7 @@ class Checkpointer:
         """The time-based interval in force (`checkpoint.every_seconds`, or the automatic choice)."""
         self._snapshot = Snapshot()
         self._write: _Write | None = None  # the asynchronous write in flight
+        self._retired: list[Path] = []  # second names of the files the save in progress replaces
 
     # -- resume -------------------------------------------------------------------------
     def find(self) -> tuple[Resume | None, list[Finding]]:
@@ -124,10 +127,12 @@ class Checkpointer:
         return f"step {self.committed_step} ({global_name(self._slot_global or 'latest')})"
 
     def clean_temporary(self) -> None:
-        """Drop temporary files left by a write that was killed (rank 0, before any save)."""
+        """Drop temporary files left by a write that was killed, and the second names a final save left
+        (rank 0, before any save)."""
         if self.world.is_main and self.folder.is_dir():
             for path in self.folder.glob("*.tmp"):
                 path.unlink(missing_ok=True)
+            files.remove_in_background(list(self.folder.glob(f"{files.RETIRED}*")))
 
     # -- save ---------------------------------------------------------------------------
     def seconds_due(self) -> bool:
@@ -137,9 +142,12 @@ class Checkpointer:
     def steps_due(self, step: int) -> bool:
         return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
 
-    def save(self, step: int, global_state: Callable[[], dict[str, Any]],
-             rank_state: dict[str, Any]) -> SaveResult:
-        """Collective and synchronous: write, record, commit. A disk error on any rank fails it on all."""
+    def save(self, step: int, global_state: Callable[[], dict[str, Any]], rank_state: dict[str, Any],
+             final: bool = False) -> SaveResult:
+        """Collective and synchronous: write, record, commit. A disk error on any rank fails it on all.
+
+        `final`: the process exits next; the files this save replaced are freed by the next start,
+        not on the way out."""
         start = time.monotonic()
         sums, error = None, None
         try:
@@ -148,7 +156,7 @@ class Checkpointer:
             error = _describe(e)
         written = time.monotonic()
         self._last_save_time = start
-        verdict = self._conclude(step, sums, error)
+        verdict = self._conclude(step, sums, error, free_replaced=not final)
         return SaveResult(step, time.monotonic() - start, written - start, _size(sums), False, verdict)
 
     def start(self, step: int, global_state: Callable[[], dict[str, Any]], rank_state: dict[str, Any]) -> None:
@@ -159,11 +167,17 @@ class Checkpointer:
         copy = snapshot.take({"rank": rank_state, "global": global_state() if self.world.is_main else None})
 
         def work() -> dict[str, FileSum]:
-            snapshot.wait()
+            snapshot.fill()
             return self.write(step, lambda: copy["global"], copy["rank"])
 
         self._last_save_time = begin
-        self._write = _Write(step, work, time.monotonic() - begin)
+        self._write = _Write(step, work)
+        self._write.stall_s = time.monotonic() - begin
+
+    def before_update(self) -> None:
+        """The loop is about to update the state in place: the save in flight must have copied it first."""
+        if self._write is not None:
+            self._write.stall_s += self._snapshot.fence()
 
     @property
     def in_flight(self) -> int | None:
@@ -194,7 +208,8 @@ class Checkpointer:
             self._write = None
             self.discard()
 
-    def _conclude(self, step: int, sums: dict[str, FileSum] | None, error: str | None) -> str | None:
+    def _conclude(self, step: int, sums: dict[str, FileSum] | None, error: str | None,
+                  free_replaced: bool = True) -> str | None:
         """Phases 2 and 3: rank 0 gathers the outcomes and records the manifest; every rank commits."""
         outcomes = distributed.gather(self.world, (sums, error))
         verdict = None
@@ -213,6 +228,9 @@ class Checkpointer:
             self.prune(step)
         else:
             self.discard()
+        if free_replaced:
+            files.remove_in_background(self._retired)
+        self._retired = []
         return verdict
 
     def write(self, step: int, global_state: Callable[[], dict[str, Any]],
@@ -220,8 +238,11 @@ class Checkpointer:
         """Phase 1: this rank's files under temporary names; their checksums by role."""
         self.folder.mkdir(parents=True, exist_ok=True)
         r, stamp = self.world.rank, {"step": step, "format_version": FORMAT_VERSION}
-        mine = {**rank_state, **stamp, "rank": r}
-        sums = {f"rank{r}": files.write_durably(mine, tmp(self.folder / rank_name("latest", r)))}
+        mine = [rank_name(slot, r) for slot in files.SLOTS] + ([global_name(s) for s in files.SLOTS]
+                                                               if self.world.is_main else [])
+        self._retired = files.second_names(self.folder / name for name in mine)
+        ours = {**rank_state, **stamp, "rank": r}
+        sums = {f"rank{r}": files.write_durably(ours, tmp(self.folder / rank_name("latest", r)))}
         if self.world.is_main:
             shared = {**global_state(), **stamp, "world_size": self.world.world_size}
             sums["global"] = files.write_durably(shared, tmp(self.folder / global_name("latest")))

@@ -15,6 +15,9 @@ import json
 import os
 import re
 import secrets
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,20 +49,31 @@ class FileSum:
 
 
 class _HashingWriter:
-    """A write-only file object that hashes what passes through (torch.save only writes)."""
+    """A write-only file object that hashes what passes through (torch.save only writes).
 
-    def __init__(self, f):
-        self.f, self.hash, self.size = f, hashlib.sha256(), 0
+    A large chunk (a tensor's bytes) is hashed in a second thread while this one writes it: both
+    release the GIL, so the checksum costs no time where the disk is the bottleneck.
+    """
+
+    PARALLEL = 1 << 20
+
+    def __init__(self, f, hasher: ThreadPoolExecutor):
+        self.f, self.hash, self.size, self._hasher = f, hashlib.sha256(), 0, hasher
         self.error: OSError | None = None
 
     def write(self, data) -> int:
-        self.hash.update(data)
         self.size += len(data)
+        hashed = self._hasher.submit(self.hash.update, data) if len(data) >= self.PARALLEL else None
+        if hashed is None:
+            self.hash.update(data)
         try:
             return self.f.write(data)
         except OSError as e:
             self.error = e
             raise
+        finally:
+            if hashed is not None:
+                hashed.result()  # torch may reuse `data` once this returns
 
     def flush(self) -> None:
         self.f.flush()
@@ -70,8 +84,8 @@ def write_durably(obj: Any, path: Path) -> FileSum:
 
     A full disk or an I/O error raises OSError (torch's zip writer would mask it as RuntimeError).
     """
-    with open(path, "wb") as f:
-        out = _HashingWriter(f)
+    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash") as hasher:
+        out = _HashingWriter(f, hasher)
         try:
             torch.save(obj, out)
         except RuntimeError:
@@ -87,6 +101,36 @@ def file_sum(path: Path) -> FileSum:
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
         return FileSum(digest, os.fstat(f.fileno()).st_size)
+
+
+RETIRED = "retired-"
+"""Prefix of the second names that keep a commit from freeing the files it replaces (see `second_names`)."""
+
+
+def second_names(paths: Iterable[Path]) -> list[Path]:
+    """Give each existing file a second name, `retired-<name>`, before a commit replaces it.
+
+    The commit's renames then only drop a name; freeing a large file's blocks (ext4: ~0.3 s per GB)
+    happens when the second name is removed, off the step loop (`remove_in_background`). A file
+    system without hard links gets none: its commit frees the file itself, as before.
+    """
+    named = []
+    for path in paths:
+        second = path.with_name(RETIRED + path.name)
+        try:
+            second.unlink(missing_ok=True)
+            os.link(path, second)
+        except OSError:  # no such file yet, or no hard links here
+            continue
+        named.append(second)
+    return named
+
+
+def remove_in_background(paths: list[Path]) -> None:
+    """Unlink `paths` in a daemon thread; what a killed process leaves, the next start removes."""
+    if paths:
+        threading.Thread(target=lambda: [p.unlink(missing_ok=True) for p in paths], name="checkpoint-cleanup",
+                         daemon=True).start()
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,38 +1,68 @@
 """A copy of the training state that the step loop can no longer change, for a background write.
 
-The optimizer updates parameters and moments in place, so an asynchronous save must not hold
-references to them: every tensor is copied to CPU memory first. On a GPU the copies go to pinned
-buffers, reused from one save to the next (at most one write is in flight), as non-blocking copies
-on the current stream: later kernels that update the same tensors are queued behind them, so the
-loop does not wait; the writer thread waits for `ready` before it reads a byte.
+The optimizer updates parameters and moments in place, so an asynchronous save must not write
+from them: every tensor is copied into a buffer of the snapshot's own, reused from one save to
+the next (at most one write is in flight). Nothing changes those tensors between a checkpoint
+and the next optimizer step (forward and backward only read them), so the copies need not stall
+the loop (the pipelined snapshot of CheckFreq, Mohan et al., FAST '21):
+- CPU tensors are copied by the writer thread (`fill`) while the next step's forward and backward
+  run; the loop calls `fence()` before it updates them, which waits only if the copy is not done;
+- GPU tensors are copied at `take` into pinned buffers, non-blocking, on the current stream:
+  later kernels that update them are queued behind the copies; `fill` waits for them;
+- tensors on other devices (mps) are copied at `take`.
+Non-tensor values (step, scheduler, loader position, config) are deep-copied at `take`.
+Tensors that share memory (tied embeddings) share one buffer, so the file holds them once.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
+import time
 from typing import Any
 
 import torch
 
 
 class Snapshot:
-    """Copies nested state dicts; keeps the pinned buffers of a GPU run for the next save."""
+    """Copies nested state dicts into buffers kept for the next save."""
 
     def __init__(self) -> None:
-        self._pinned: dict[str, torch.Tensor] = {}
-        self.ready: torch.cuda.Event | None = None
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, live CPU tensor) to copy
+        self._seen: dict[tuple, torch.Tensor] = {}  # this take's buffers by the memory they copy
+        self._gpu_copied: torch.cuda.Event | None = None
+        self._copied = threading.Event()
+        self._copied.set()
 
     def take(self, state: dict[str, Any]) -> dict[str, Any]:
-        """A deep copy of `state` with every tensor on the CPU; call `wait()` before reading it."""
-        self.ready = None
-        copied = self._copy(state, "")
-        if self.ready is not None:
-            self.ready.record()
-        return copied
+        """`state`'s structure over the snapshot's buffers; readable once `fill()` has returned."""
+        self._copied.clear()
+        self._pending, self._seen, self._gpu_copied = [], {}, None
+        structure = self._copy(state, "")
+        if self._gpu_copied is not None:
+            self._gpu_copied.record()
+        self._seen = {}
+        return structure
 
-    def wait(self) -> None:
-        if self.ready is not None:
-            self.ready.synchronize()
+    def fill(self) -> None:
+        """Make the CPU copies (in the writer thread); then wait for the GPU's."""
+        try:
+            for buffer, live in self._pending:
+                buffer.copy_(live)
+        finally:
+            self._pending = []
+            self._copied.set()  # also on an error: the loop must not wait forever (the error is raised there)
+        if self._gpu_copied is not None:
+            self._gpu_copied.synchronize()
+
+    def fence(self) -> float:
+        """Before the state is updated in place: wait for `fill`'s copies; the seconds waited."""
+        if self._copied.is_set():
+            return 0.0
+        begin = time.monotonic()
+        self._copied.wait()
+        return time.monotonic() - begin
 
     def _copy(self, value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
@@ -45,12 +75,20 @@ class Snapshot:
         return copy.deepcopy(value)
 
     def _tensor(self, t: torch.Tensor, path: str) -> torch.Tensor:
-        if t.device.type != "cuda":
-            return t.clone()
-        buffer = self._pinned.get(path)
+        memory = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+        if memory in self._seen:
+            return self._seen[memory]
+        kind = t.device.type
+        buffer = self._buffers.get(path)
         if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
-            buffer = self._pinned[path] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        buffer.copy_(t, non_blocking=True)
-        if self.ready is None:
-            self.ready = torch.cuda.Event()
+            buffer = self._buffers[path] = torch.empty(t.shape, dtype=t.dtype, pin_memory=kind == "cuda")
+        if kind == "cpu":
+            self._pending.append((buffer, t))
+        elif kind == "cuda":
+            buffer.copy_(t, non_blocking=True)
+            if self._gpu_copied is None:
+                self._gpu_copied = torch.cuda.Event()
+        else:  # mps and others: copied now, on the loop's thread
+            buffer.copy_(t)
+        self._seen[memory] = buffer
         return buffer
