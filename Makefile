@@ -18,7 +18,7 @@ demo: install
 	.venv/bin/torchrun --nproc-per-node 2 -m prefix.train --config configs/demo.yaml --run-name demo
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
 
 # Every benchmark in bench/, ratios measured side by side (about 15 minutes); writes docs/benchmarks.md.
 bench: install

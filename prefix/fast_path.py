@@ -49,7 +49,10 @@ def wrap(model: GPT, world: World, compiled: bool) -> nn.Module:
     """
     module: nn.Module = torch.compile(model) if compiled else model
     if world.distributed:
-        module = DDP(module, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+        # broadcast_buffers off: the only buffers are the RoPE tables, computed alike on every rank; on,
+        # DDP would broadcast them from rank 0 before every forward (a collective per micro-batch).
+        module = DDP(module, device_ids=[world.local_rank] if world.device.type == "cuda" else None,
+                     broadcast_buffers=False)
     return module
 
 
