@@ -20,7 +20,7 @@ demo: install
 test: install
 	$(PY) -m pytest -q -m "not slow" tests
 
-# Every benchmark in bench/, ratios measured side by side (about 15 minutes); writes docs/benchmarks.md.
+# Every benchmark in bench/, ratios measured side by side (8-15 minutes on 2 cores); writes docs/benchmarks.md.
 bench: install
 	$(PY) bench/run_all.py
 
