@@ -117,10 +117,9 @@ def main() -> None:
     if async_s is not None:
         checks.insert(1, common.check("async: step-loop time lost (stall + slowed steps) ÷ plain torch.save",
                                       figures["async_loop_lost_s"] / plain_s))
-    setup = (f"{config.name}{' widened to 6 layers × 512' if model else ''}, one process, a checkpoint every {every} "
+    setup = (f"{common.model_name(config, model)}, one process, a checkpoint every {every} "
              f"steps, {saves} periodic saves per run, {reps} alternating repetitions (plain, sync, async); medians")
-    noise.report(figures, notes)
-    common.write_results(args.out, "checkpoint_stall", args.quick, setup, figures, checks, notes)
+    common.write_results(args.out, "checkpoint_stall", args.quick, setup, figures, checks, notes, noise)
 
 
 if __name__ == "__main__":

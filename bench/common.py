@@ -40,6 +40,11 @@ MEDIUM = ("model.n_layer=6", "model.d_model=512", "model.n_head=8", "trainer.glo
 """configs/demo.yaml widened to 19.4M parameters: model + AdamW state = 233 MB, a save that takes time."""
 
 
+def model_name(config: Path, medium: Sequence[str], detail: str = "") -> str:
+    """How a setup line names the model: the config, and whether MEDIUM widened it."""
+    return f"{config.name}{' widened to 6 layers × 512' + detail if medium else ''}"
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny config, one repetition: seconds, for the tests")
@@ -206,8 +211,11 @@ def verdict(c: dict[str, object]) -> str:
 
 
 def write_results(out: Path, name: str, quick: bool, setup: str, figures: dict[str, object],
-                  checks: list[dict[str, object]], notes: Sequence[str] = ()) -> Path:
-    """Print the checks and write `<out>/<name>.json`."""
+                  checks: list[dict[str, object]], notes: list[str] | None = None, noise: Noise | None = None) -> Path:
+    """Print the checks and write `<out>/<name>.json` (with `noise`'s share of other processes' CPU use)."""
+    notes = [] if notes is None else notes
+    if noise is not None:
+        noise.report(figures, notes)
     for c in checks:
         shown = "not measured" if c["value"] is None else f"{c['value']:.3g}{c['unit'] if c['unit'] == '×' else ' ' + c['unit']}"
         print(f"  {c['what']}: {shown}" + (f" (goal {c['goal']}) {verdict(c)}" if c["goal"] != "—" else ""))

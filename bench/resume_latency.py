@@ -62,10 +62,9 @@ def main() -> None:
         print(f"{label:>6}: launch → starting {figures[f'{label}_launch_to_starting_s']:.2f} s → model "
               f"{figures[f'{label}_launch_to_model_s']:.2f} s → first step {figures[f'{label}_launch_to_first_step_s']:.2f} s")
     checks = [common.check("resume ÷ fresh, launch → first step", ratio, at_most=1.2)]
-    setup = (f"{config.name}{' widened to 6 layers × 512 (233 MB checkpoint)' if model else ''}, one process, "
+    setup = (f"{common.model_name(config, model, ' (233 MB checkpoint)')}, one process, "
              f"{reps} alternating fresh/resume pairs after a warm-up launch; medians")
-    noise.report(figures, notes)
-    common.write_results(args.out, "resume_latency", args.quick, setup, figures, checks, notes)
+    common.write_results(args.out, "resume_latency", args.quick, setup, figures, checks, notes, noise)
 
 
 if __name__ == "__main__":

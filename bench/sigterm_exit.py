@@ -114,10 +114,9 @@ def main() -> None:
     print(f"{config.name} ({figures['params'] / 1e6:.1f}M parameters, {figures['state_bytes'] / 1e6:.0f} MB), 2 ranks "
           f"under torchrun: SIGTERM → final checkpoint {figures['sigterm_to_saved_s']:.2f} s, → exit "
           f"{figures['sigterm_to_exit_s']:.2f} s; plain torch.save {figures['plain_save_s']:.2f} s")
-    setup = (f"{config.name}{' widened to 6 layers × 512' if model else ''}, torchrun 2 ranks (gloo), SIGTERM to "
+    setup = (f"{common.model_name(config, model)}, torchrun 2 ranks (gloo), SIGTERM to "
              f"torchrun after step 3, no periodic checkpoint; {reps} alternating repetitions, medians")
-    noise.report(figures, notes)
-    common.write_results(args.out, "sigterm_exit", args.quick, setup, figures, checks, notes)
+    common.write_results(args.out, "sigterm_exit", args.quick, setup, figures, checks, notes, noise)
 
 
 if __name__ == "__main__":

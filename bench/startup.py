@@ -96,8 +96,7 @@ def main() -> None:
               common.check("launch → starting ÷ launch → first step", step["starting"] / step["step"])]
     setup = (f"`python -X importtime -c \"import {MODULES}\"` after one warm-up; {config.name} fresh starts, one "
              f"process; medians of {reps}")
-    noise.report(figures, notes)
-    common.write_results(args.out, "startup", args.quick, setup, figures, checks, notes)
+    common.write_results(args.out, "startup", args.quick, setup, figures, checks, notes, noise)
 
 
 if __name__ == "__main__":

@@ -145,8 +145,7 @@ def main() -> None:
               common.check("prefix ÷ bare loop on pre-loaded batches, tokens/s", rate["prefix"] / rate["preloaded"]),
               common.check("bare streaming ÷ bare pre-loaded, tokens/s", rate["streaming"] / rate["preloaded"])]
     notes = [] if same_loss else ["the loops ended at different losses: they did not do the same work"]
-    noise.report(figures, notes)
-    common.write_results(args.out, "train_vs_bare", args.quick, setup, figures, checks, notes)
+    common.write_results(args.out, "train_vs_bare", args.quick, setup, figures, checks, notes, noise)
 
 
 if __name__ == "__main__":

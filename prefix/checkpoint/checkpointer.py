@@ -238,11 +238,11 @@ class Checkpointer:
         """Phase 1: this rank's files under temporary names; their checksums by role."""
         self.folder.mkdir(parents=True, exist_ok=True)
         r, stamp = self.world.rank, {"step": step, "format_version": FORMAT_VERSION}
-        mine = [rank_name(slot, r) for slot in files.SLOTS] + ([global_name(s) for s in files.SLOTS]
-                                                               if self.world.is_main else [])
-        self._retired = files.second_names(self.folder / name for name in mine)
-        ours = {**rank_state, **stamp, "rank": r}
-        sums = {f"rank{r}": files.write_durably(ours, tmp(self.folder / rank_name("latest", r)))}
+        published = [rank_name(slot, r) for slot in files.SLOTS] + (
+            [global_name(slot) for slot in files.SLOTS] if self.world.is_main else [])
+        self._retired = files.second_names(self.folder / name for name in published)
+        mine = {**rank_state, **stamp, "rank": r}
+        sums = {f"rank{r}": files.write_durably(mine, tmp(self.folder / rank_name("latest", r)))}
         if self.world.is_main:
             shared = {**global_state(), **stamp, "world_size": self.world.world_size}
             sums["global"] = files.write_durably(shared, tmp(self.folder / global_name("latest")))

@@ -30,7 +30,6 @@ class Snapshot:
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, live CPU tensor) to copy
-        self._seen: dict[tuple, torch.Tensor] = {}  # this take's buffers by the memory they copy
         self._gpu_copied: torch.cuda.Event | None = None
         self._copied = threading.Event()
         self._copied.set()
@@ -38,11 +37,10 @@ class Snapshot:
     def take(self, state: dict[str, Any]) -> dict[str, Any]:
         """`state`'s structure over the snapshot's buffers; readable once `fill()` has returned."""
         self._copied.clear()
-        self._pending, self._seen, self._gpu_copied = [], {}, None
-        structure = self._copy(state, "")
+        self._pending, self._gpu_copied = [], None
+        structure = self._copy(state, "", seen={})
         if self._gpu_copied is not None:
             self._gpu_copied.record()
-        self._seen = {}
         return structure
 
     def fill(self) -> None:
@@ -64,20 +62,21 @@ class Snapshot:
         self._copied.wait()
         return time.monotonic() - begin
 
-    def _copy(self, value: Any, path: str) -> Any:
+    def _copy(self, value: Any, path: str, seen: dict[tuple, torch.Tensor]) -> Any:
+        """`seen`: this take's buffers by the memory they copy."""
         if isinstance(value, torch.Tensor):
-            return self._tensor(value.detach(), path)
+            return self._tensor(value.detach(), path, seen)
         if isinstance(value, dict):
-            return {k: self._copy(v, f"{path}/{k}") for k, v in value.items()}
+            return {k: self._copy(v, f"{path}/{k}", seen) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
-            items = [self._copy(v, f"{path}/{i}") for i, v in enumerate(value)]
+            items = [self._copy(v, f"{path}/{i}", seen) for i, v in enumerate(value)]
             return items if isinstance(value, list) else tuple(items)
         return copy.deepcopy(value)
 
-    def _tensor(self, t: torch.Tensor, path: str) -> torch.Tensor:
+    def _tensor(self, t: torch.Tensor, path: str, seen: dict[tuple, torch.Tensor]) -> torch.Tensor:
         memory = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
-        if memory in self._seen:
-            return self._seen[memory]
+        if memory in seen:
+            return seen[memory]
         kind = t.device.type
         buffer = self._buffers.get(path)
         if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
@@ -90,5 +89,5 @@ class Snapshot:
                 self._gpu_copied = torch.cuda.Event()
         else:  # mps and others: copied now, on the loop's thread
             buffer.copy_(t)
-        self._seen[memory] = buffer
+        seen[memory] = buffer
         return buffer
