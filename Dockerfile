@@ -31,7 +31,10 @@ WORKDIR /home/apluser/prefix
 COPY pyproject.toml constraints.txt README.md ./
 COPY prefix ./prefix
 COPY configs ./configs
+# torchvision comes only as mosaicml-streaming's requirement and is never used; PyPI's wheel need not
+# match the CUDA build of torch above, and a mismatched one breaks `import transformers` (constraints.txt).
 RUN pip install -c constraints.txt . \
+ && pip uninstall -y torchvision \
  && python -c "import torch; assert torch.version.cuda, 'the install replaced the CUDA torch'"
 
 # Numeric, so that the kubelet can verify runAsNonRoot. No ENTRYPOINT: the pod's command is

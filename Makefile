@@ -10,7 +10,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip uninstall -qq -y prefix  # the distribution's name before it became prefix-train (older venvs)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip uninstall -qq -y torchvision  # see constraints.txt: unused, and PyPI's wheel breaks transformers here
 	touch $(STAMP)
 
 # Two ranks on CPU for a few minutes, then a sample of generated Python from the trained model.

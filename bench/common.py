@@ -29,7 +29,8 @@ if str(REPO) not in sys.path:
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 os.environ.setdefault("PREFIX_CACHE_DIR", str(REPO / ".cache" / "prefix"))  # what `make` sets
 
-from prefix.processes import Launch, Tail  # noqa: E402  (needs the path above)
+from prefix.tools import processes  # noqa: E402  (needs the path above)
+from prefix.tools.processes import Launch, Tail  # noqa: E402
 
 CONFIGS = REPO / "configs"
 TINY, DEMO, GPT2 = CONFIGS / "tiny.yaml", CONFIGS / "demo.yaml", CONFIGS / "gpt2-124m.yaml"
@@ -58,11 +59,8 @@ def runs_folder() -> tempfile.TemporaryDirectory:
 
 
 def train_cmd(nproc: int, run_name: str, runs_root: Path, *overrides: str, config: Path = TINY) -> list[str]:
-    """torchrun with `nproc` ranks (gloo on the CPU), or one plain `python -m prefix.train` when nproc is 0."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    entry = ["-m", "prefix.train"] if nproc else [sys.executable, "-m", "prefix.train"]
-    return [*(launcher if nproc else []), *entry, "--config", str(config), "--run-name", run_name,
-            "--runs-root", str(runs_root), *QUIET, *overrides]
+    """The tests' and the chaos harness's training command, quiet and on the CPU."""
+    return processes.train_cmd(nproc, run_name, runs_root, config, *QUIET, *overrides)
 
 
 class Noise:
@@ -106,7 +104,7 @@ class Noise:
 
 
 def start(cmd: list[str], run_dir: Path) -> tuple[Launch, float]:
-    """A launch in its own session (prefix.processes.Launch) and the wall-clock time just before it."""
+    """A launch in its own session (prefix.tools.processes.Launch) and the wall-clock time just before it."""
     launched = time.time()
     return Launch(cmd, run_dir), launched
 

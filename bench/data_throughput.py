@@ -30,8 +30,8 @@ def loader_vs_loop(micro_batches: int, steps: int) -> tuple[float, float]:
     from prefix.data import streams
     from prefix.data.loader import TrainStream
     from prefix.model import GPT
+    from prefix.optim import build_optimizer
     from prefix.telemetry import setup_logging
-    from prefix.trainer import build_optimizer
 
     cfg = config.load(DEMO, ["trainer.device=cpu"])
     world = distributed.init("cpu")

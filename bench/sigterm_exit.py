@@ -39,10 +39,10 @@ def sigterm_once(config: Path, overrides: list[str], nproc: int, runs: Path, nam
     stopped = common.events(run_dir, "stopped by signal after final checkpoint", since=sent_wall)
     if not stopped:
         raise RuntimeError(f"no final checkpoint after SIGTERM:\n{common.tail(launch.log)}")
-    import torch
+    from prefix.state import TrainState
 
     last = max(launch.steps())
-    saved = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)["step"]
+    saved = TrainState.load(run_dir / "checkpoints" / "latest.pt").step
     if saved != last:
         raise RuntimeError(f"latest.pt holds step {saved}, the last logged step is {last}")
     step_s = common.median([r["step_time"] for r in common.read_jsonl(run_dir / "metrics" / "train.jsonl")][1:])

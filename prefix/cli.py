@@ -1,32 +1,87 @@
-"""The `prefix` command. `prefix train ...` is `python -m prefix.train ...` (same flags, same exit codes)."""
+"""The `prefix` command: one argparse parser with a subcommand per job, one way to fail.
+
+Each command module gives `arguments(parser)` and `run(args) -> exit code`, and imports torch only
+when it runs, so `prefix --help` and `prefix runs` stay fast. A problem the user can fix prints one
+line `error: ...` and exits 2 (`errors.exit_code_of`); `prefix train ...` is `python -m prefix.train ...`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
-COMMANDS = {"train": "train a model, resuming the run if it exists (see `prefix train --help`)",
-            "chaos": "kill a 2-rank run at random until it completes; compare with an uninterrupted one",
-            "simulate": "run the Kubernetes Job's container command here and play preemptions and reschedules",
-            "data": "prepare datasets from text or token files, train tokenizers (see `prefix data --help`)",
-            "runs": "list the runs under the runs root: status, step, restarts (--reindex rebuilds the index)",
-            "status": "one run: step, target, ETA, last checkpoint, restarts, heartbeat",
-            "sample": "generate text from a run's latest checkpoint, or an exported folder, with its tokenizer",
-            "report": "one run's loss and throughput figures with restarts marked, and a markdown summary",
-            "export": "write a run's checkpoint as a Hugging Face Llama folder (safetensors, config, tokenizer)"}
-MODULES = {"data": "prefix.data.commands", "runs": "prefix.status:runs_main", "status": "prefix.status:status_main",
-           "export": "prefix.export:export_main"}
-"""Commands whose entry point is not `prefix.<command>:main`."""
+import prefix
+from prefix.errors import exit_code_of
+
+COMMANDS = {"train": ("prefix.train", "train a model, resuming the run if it exists"),
+            "runs": ("prefix.tools.runs", "list the runs under the runs root: status, step, restarts"),
+            "status": ("prefix.tools.status", "one run: step, target, ETA, last checkpoint, restarts, heartbeat"),
+            "report": ("prefix.tools.report", "one run's loss and throughput figures with restarts marked"),
+            "sample": ("prefix.tools.sample", "generate text from a run's latest checkpoint or an exported folder"),
+            "export": ("prefix.tools.export", "write a run's checkpoint as a Hugging Face Llama folder"),
+            "data": ("prefix.data.commands", "prepare datasets from text or token files, train tokenizers"),
+            "chaos": ("prefix.tools.chaos", "kill a 2-rank run at random until it completes; compare with an "
+                                            "uninterrupted one"),
+            "simulate": ("prefix.tools.simulate", "run the Kubernetes Job's container command here and play "
+                                                  "preemptions and reschedules")}
+"""name → (module with arguments() and run(), one-line help)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes end like every other user error: one line naming the fix, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
+def command_parser(prog: str, description: str | None, arguments: Callable[[Parser], None]) -> Parser:
+    """The parser of one command on its own (`python -m prefix.train`)."""
+    p = Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    arguments(p)
+    return p
+
+
+def parser() -> tuple[Parser, dict[str, Parser]]:
+    """The `prefix` parser and each command's own parser."""
+    top = Parser(prog="prefix", description="A preemption-tolerant training daemon for language models. "
+                 "Run `prefix COMMAND --help` for a command's options.")
+    top.add_argument("--version", action="version", version=f"prefix {prefix.__version__}")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
+    commands = {}
+    for name, (module, text) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=text, description=mod.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.arguments(p)
+        p.set_defaults(entry=mod.run)
+        commands[name] = p
+    return top, commands
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse with `section.key=value` overrides allowed anywhere, also after flags (`... --run-name x k=v`)."""
+    args, extra = p.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+        if not unknown:
+            args.overrides = [*args.overrides, *extra]
+            return args
+        extra = unknown
+    if extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    top, commands = parser()
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "\n".join(f"  {name:9} {text}" for name, text in COMMANDS.items())
-        print(f"usage: prefix COMMAND [ARGS]\n\ncommands:\n{usage}", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    module, _, function = MODULES.get(argv[0], f"prefix.{argv[0]}").partition(":")
-    return getattr(importlib.import_module(module), function or "main")(argv[1:])  # on use: torch is slow
+    # A command's arguments go to its own parser, so that overrides may follow its flags.
+    args = parse(commands[argv[0]], argv[1:]) if argv and argv[0] in commands else parse(top, argv)
+    return exit_code_of(args.entry, args)
 
 
 if __name__ == "__main__":

@@ -286,6 +286,37 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, parsed
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"{self.name}: line {key_node.start_mark.line + 1}: key {key!r} is given twice "
+                                  f"(first at line {seen[key]}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A config file's data; a syntax error keeps the parser's own words and position."""
+    text = path.read_text()
+    try:
+        loader = _StrictLoader(text)
+        loader.name = str(path)
+        try:
+            return loader.get_single_data() or {}
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None)))) or str(e)
+        raise ConfigError(f"{path}: not valid YAML{where} ({problem}); fix the syntax there") from None
+
+
 def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML file (or start from defaults) and apply dotted overrides."""
     raw: dict[str, Any] = {}
@@ -293,12 +324,7 @@ def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Confi
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found; pass an existing YAML file to --config")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax there") from None
+        raw = read_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the file must hold a mapping of sections (run, data, model, ...)")
     for text in overrides:

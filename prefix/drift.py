@@ -57,3 +57,11 @@ def check_data_versions(saved: list[str | None] | None, now: list[str | None], s
     raise ConfigDrift(f"data.remote: the dataset changed since the checkpoint of step {step} (version "
                       f"{saved} → {now}); restore it, start a new --run-name, or pass --allow-config-change "
                       "to go on with the new data")
+
+
+def finished(step: int, max_steps: int, diff: dict[str, list[Any]]) -> str:
+    """What a start of a finished run says: what changed since its last checkpoint, and how to go on."""
+    changed = "; config changes since: " + ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in diff.items()) \
+        if diff else ""
+    return (f"run already finished at step {step} (trainer.max_steps={max_steps}); nothing to do{changed}; "
+            f"to train further pass trainer.max_steps=<more than {step}>, or start a new --run-name")

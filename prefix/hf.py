@@ -29,10 +29,9 @@ import torch
 
 from prefix.config import ModelConfig
 from prefix.errors import UserError
-from prefix.sample import TOKENIZER
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
-"""An export also holds TOKENIZER/ (tokenizer/): prefix's copy of the run's tokenizer, as in meta/."""
+"""An export also holds tokenizer/ (data.tokenizers.COPY): prefix's copy of the run's tokenizer, as in meta/."""
 IGNORED = ("rotary_emb.inv_freq",)
 """Tensors older Llama saves carry that are derived, not learned: skipped on import."""
 LLAMA_DEFAULTS = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
@@ -231,11 +230,11 @@ def load_tokenizer(folder: Path):
     """prefix's copy of the run's tokenizer (tokenizer/), else the folder's tokenizer.json."""
     from prefix.data import tokenizers
 
-    tok = tokenizers.from_dataset(folder / TOKENIZER)
+    tok = tokenizers.from_dataset(folder / tokenizers.COPY)
     if tok is None and (folder / tokenizers.HF_FILE).is_file():
         tok = tokenizers.load(str(folder))
     if tok is None:
-        raise UserError(f"{folder}: no tokenizer ({TOKENIZER}/manifest.json or tokenizer.json); export a run "
+        raise UserError(f"{folder}: no tokenizer ({tokenizers.COPY}/manifest.json or tokenizer.json); export a run "
                         "whose data records its tokenizer, or copy the model's tokenizer.json there")
     return tok
 

@@ -187,6 +187,20 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.d_model * c.seq_len
 
 
+def complete(model: GPT, tokenizer, prompt: str, tokens: int, seed: int, device: torch.device,
+             temperature: float = 0.8, top_k: int | None = 40) -> str:
+    """The prompt and `tokens` sampled continuations, decoded (deterministic for a seed).
+
+    An empty prompt starts from the end-of-document token, as a new document would (GPT-2's way);
+    that token is not part of the text returned.
+    """
+    ids = [int(i) for i in tokenizer.encode(prompt)]
+    idx = torch.tensor(ids or [tokenizer.eod_id], dtype=torch.long, device=device)[None]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(idx, tokens, temperature=temperature, top_k=top_k, generator=gen)[0].tolist()
+    return tokenizer.decode(out if ids else out[1:])
+
+
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
                    "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12, "V100": 125e12}
 """Dense bf16 (fp16 for V100) tensor-core peaks without sparsity, by a substring of the device name."""

@@ -8,48 +8,60 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from prefix import config, distributed, drift, hf
-from prefix.checkpoint import Checkpointer, log_findings, set_rng_state
-from prefix.errors import UserError
-from prefix.preemption import Preemption, default_actions, exit_promptly
-from prefix.registry import Registry
-from prefix.run_manager import RunManager
-from prefix.runs import RunDir, check_run_name, runs_root
-from prefix.sample import save_tokenizer
-from prefix.system_metrics import SystemSampler
-from prefix.telemetry import setup_logging
+from prefix.errors import UserError, exit_code_of, report
+from prefix.runs import add_runs_root
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="prefix.train", description="Train a GPT; a run whose directory "
-                                "holds a checkpoint resumes from it.")
-    p.add_argument("--config", help="YAML config file (sections run, data, model, trainer, checkpoint)")
+def arguments(p: argparse.ArgumentParser) -> None:
+    from prefix.config import SECTIONS
+
+    p.add_argument("--config", help=f"YAML config file with the sections {', '.join(SECTIONS)} "
+                                    "(`--print-config` shows every key)")
     p.add_argument("--run-name", help="run identity; starting the same name again resumes it "
                                       "(default: the config file's name)")
-    p.add_argument("--runs-root", help="folder of run directories (default: $PREFIX_RUNS_ROOT, else ./runs)")
-    p.add_argument("--experiment", help="experiment the run belongs to, in the registry (default: the config "
-                                        "file's name)")
+    add_runs_root(p)
+    p.add_argument("--experiment", help="experiment the run belongs to, in the registry (default: the one the run "
+                                        "was first started with, else the config file's name)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even if the model shape, data, seed, global batch or optimizer changed")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    return p.parse_args(argv)
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML, every key with its one-line doc, and exit")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, before or after the flags (e.g. trainer.max_steps=1000)")
 
 
 def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def run(args: argparse.Namespace) -> int:
+def train(args: argparse.Namespace) -> int:
+    import torch
+
+    from prefix import config, distributed, drift, hf
+    from prefix.checkpoint import Checkpointer, log_findings, set_rng_state
+    from prefix.preemption import Preemption
+    from prefix.runs import RunDir, check_run_name, runs_root
+    from prefix.runs.manager import RunManager
+    from prefix.runs.registry import Registry
+    from prefix.state import TrainState
+    from prefix.system_metrics import SystemSampler
+    from prefix.telemetry import setup_logging
+
     cfg = config.load(args.config, args.overrides)
+    if args.print_config:
+        from prefix.config_doc import describe
+
+        print(describe(cfg), end="")
+        return 0
     stem = Path(args.config).stem if args.config else "default"
     name = check_run_name(args.run_name or stem)
     root = runs_root(args.runs_root)
@@ -58,21 +70,24 @@ def run(args: argparse.Namespace) -> int:
     world = distributed.init(cfg.trainer.device)
     accum = config.check_world(cfg, world.world_size)
     log = setup_logging(world.rank)  # console only: nothing is written before every check passed
-    run = RunManager(run_dir, args.experiment or stem, Registry(root) if world.is_main else None, log,
+    experiment = args.experiment or run_dir.state().get("experiment") or stem  # a restart keeps the first label
+    run = RunManager(run_dir, experiment, Registry(root) if world.is_main else None, log,
                      main=world.is_main, tensorboard=cfg.telemetry.tensorboard)
 
     checkpointer = Checkpointer(run_dir.checkpoints, world, cfg.checkpoint)
     choice, findings = checkpointer.find()
-    state, rank_state = checkpointer.load(choice) if choice else (None, None)
-    start_step = int(state["step"]) if state else 0
-    changes = drift.check(state["config"], cfg.to_dict(), start_step, args.allow_config_change) if state else {}
+    saved, rank_state = checkpointer.load(choice) if choice else (None, None)
+    state = TrainState.from_dict(saved) if saved is not None else None
+    start_step = state.step if state else 0
+    changes = drift.check(state.config, cfg.to_dict(), start_step, args.allow_config_change) if state else {}
     if start_step >= cfg.trainer.max_steps:  # decided before any data pipeline exists
-        log.info("run already finished; nothing to do", step=start_step, max_steps=cfg.trainer.max_steps)
+        log.info(drift.finished(start_step, cfg.trainer.max_steps, changes), step=start_step,
+                 max_steps=cfg.trainer.max_steps, config_changes=changes or None)
         return 0
     init = hf.check_init_from(cfg.model) if cfg.model.init_from and state is None else None  # fresh start
 
     # Imported here: streaming and the model are not needed to decide "already finished".
-    from prefix.data import streams
+    from prefix.data import streams, tokenizers
     from prefix.data.leftovers import clean_node
     from prefix.data.loader import TrainStream, ValStream
     from prefix.model import GPT
@@ -82,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     sources = streams.resolve(cfg, world, log)
     streams.check_vocab(sources, cfg.model.vocab_size, cfg.model.init_from if init else None)
     tokenizer = streams.tokenizer(sources)
-    if state is not None and state.get("dataloader"):
-        drift.check_data_versions(state["dataloader"].get("versions"), [s.version for s in sources], start_step,
+    if state is not None and state.dataloader:
+        drift.check_data_versions(state.dataloader.get("versions"), [s.version for s in sources], start_step,
                                   args.allow_config_change)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = GPT(cfg.model).to(world.device)
@@ -103,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             checkpointer.clean_temporary()
             restarts = run.begin(start_step, cfg.trainer.max_steps, world.world_size, cfg.to_dict(), changes)
             if tokenizer is not None:
-                save_tokenizer(run_dir.meta, tokenizer)  # for prefix sample
+                tokenizers.save_copy(run_dir.meta, tokenizer)  # for prefix sample
             log.info("starting", run=str(run_dir.path), world_size=world.world_size, accum=accum,
                      restarts=restarts, device=str(world.device), config_changes=changes or None)
             hf.log_init(log, init, cfg.model, start_step)
@@ -136,20 +151,30 @@ def run(args: argparse.Namespace) -> int:
         train.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """One start of a run (every rank): `prefix train` and `python -m prefix.train` both come here."""
+    from prefix import distributed
+    from prefix.preemption import default_actions
+    from prefix.telemetry import setup_logging
+
     rank = int(os.environ.get("RANK", "0")) if os.environ.get("RANK", "0").isdigit() else 0
     setup_logging(rank)
     default_actions()
     try:
-        return run(args)
+        return train(args)
     except UserError as e:
-        if rank == 0 or not e.same_on_every_rank:
-            print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return report(e, quiet=rank != 0 and e.same_on_every_rank)
     finally:
         distributed.shutdown()
 
 
+def main(argv: list[str] | None = None) -> int:
+    from prefix.cli import command_parser, parse
+
+    return exit_code_of(run, parse(command_parser("python -m prefix.train", __doc__, arguments), argv))
+
+
 if __name__ == "__main__":
+    from prefix.preemption import exit_promptly
+
     exit_promptly(main())  # an unexpected error raises out of main() instead, with the usual teardown

@@ -18,45 +18,28 @@ import torch
 from prefix import distributed
 from prefix.checkpoint import Checkpointer, SaveResult, rng_state
 from prefix.checkpoint.interval import AutoInterval
-from prefix.config import Config, TrainerConfig
+from prefix.checkpoint.policy import Boundary, Save
+from prefix.config import Config
 from prefix.data.loader import TrainStream, ValStream
 from prefix.data.tokenizers import Tokenizer
 from prefix.distributed import World
 from prefix.errors import UserError
 from prefix.fast_path import autocast, autocast_dtype, wants_compile, wrap
-from prefix.goodput import Ledger
-from prefix.model import GPT, param_groups, peak_flops
+from prefix.model import GPT, complete, peak_flops
+from prefix.optim import build_optimizer, lr_factor
 from prefix.preemption import EXIT_PREEMPTED, Preemption
-from prefix.run_manager import RunManager
 from prefix.runs import read_jsonl
-from prefix.sample import generate
+from prefix.runs.goodput import Ledger
+from prefix.runs.manager import RunManager
+from prefix.state import TrainState
 from prefix.telemetry import Progress
 from prefix.watchdog import Watchdog
-
-
-def lr_factor(step: int, t: TrainerConfig) -> float:
-    """Linear warm-up to 1, then cosine decay to min_lr / lr at max_steps."""
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-    floor = t.min_lr / t.lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class TrainingFailed(UserError):
     """Every rank stops at the same step for the same reason (the decision is global)."""
 
     same_on_every_rank = True
-
-
-def build_optimizer(model: GPT, t: TrainerConfig) -> torch.optim.Optimizer:
-    """AdamW is fused (one CUDA kernel for the whole update, not several per tensor) when the weights
-    are on a GPU; its state_dict has the same keys either way."""
-    groups = param_groups(model, t.weight_decay)
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.beta1, nesterov=True)
-    fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True if fused else None)
 
 
 class Trainer:
@@ -86,7 +69,8 @@ class Trainer:
         self.grad_norm = torch.zeros(())
         self.skipped_steps = 0  # updates skipped for a non-finite loss, over the whole run
         self.skips_in_a_row = 0
-        self._last_log = (time.perf_counter(), 0, 0)
+        self.clock = time.perf_counter  # what throughput is measured with (a test may step it by hand)
+        self._last_log = (self.clock(), 0, 0)
         self.data_wait = 0.0  # seconds spent waiting for batches since the last log line
         # watchdog: hang detection on every rank, heartbeat file on rank 0 (prefix/watchdog.py)
         self.watchdog = Watchdog(cfg.watchdog.timeout_s, run_dir.logs, world.rank, log)
@@ -101,15 +85,15 @@ class Trainer:
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
-            "skipped_steps": self.skipped_steps, "dataloader": self.train.state_dict(), "config": self.cfg.to_dict(),
-        }
+        """What the checkpointer writes: a TrainState as plain data (called when a save takes its snapshot)."""
+        return TrainState(
+            model=self.raw.state_dict(), optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            step=self.step, tokens_seen=self.tokens_seen, config=self.cfg.to_dict(),
+            dataloader=self.train.state_dict(), skipped_steps=self.skipped_steps).to_dict()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: TrainState) -> None:
         try:
-            self.raw.load_state_dict(state["model"])
+            self.raw.load_state_dict(state.model)
         except RuntimeError as e:
             first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
             raise TrainingFailed(f"model: the checkpoint's weights do not fit this model ({first}); "
@@ -117,10 +101,10 @@ class Trainer:
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         # torch places AdamW's `step` counts by the saved groups' `fused` flag (on the GPU when fused, else
         # as saved); load them as this run steps, so a CPU checkpoint resumes fused on a GPU and back.
-        fused, saved = configured[0].get("fused"), state["optimizer"]
+        fused, saved = configured[0].get("fused"), state.optimizer
         saved = {**saved, "param_groups": [{**g, "fused": fused} for g in saved["param_groups"]]}
         self.optimizer.load_state_dict(saved)
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.load_state_dict(state.scheduler)
         # The config's hyperparameters win over the checkpoint's, so an accepted change (lr, betas,
         # weight decay, schedule) takes effect; with an unchanged config this recomputes the same lr.
         for group, hyper in zip(self.optimizer.param_groups, configured, strict=True):
@@ -129,26 +113,25 @@ class Trainer:
         for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
                                        self.scheduler.lr_lambdas, strict=True):
             group["lr"] = base * factor(self.scheduler.last_epoch)
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        if state.get("dataloader") is not None:
-            self.train.load_state_dict(state["dataloader"])
+        self.step, self.tokens_seen, self.skipped_steps = state.step, state.tokens_seen, state.skipped_steps
+        if state.dataloader is not None:
+            self.train.load_state_dict(state.dataloader)
 
-    def save(self, final: bool) -> None:
-        """Periodic saves are written in the background (`checkpoint.async`); the final one is not."""
+    def save(self, plan: Save) -> None:
+        """Carry out the policy's save: a periodic one in the background, the final one synchronously."""
         ck = self.checkpointer
-        if ck.in_flight is not None:  # at most one write in flight: wait for it
+        if plan.wait_first:  # at most one write in flight
             step, began = ck.in_flight, time.monotonic()
             self.conclude()
             self.log.info("checkpoint: waited for the previous write", step=step,
                           seconds=round(time.monotonic() - began, 3))
             if ck.committed_step == self.step:
                 return
-        if final or not self.cfg.checkpoint.asynchronous:
-            self.report(ck.save(self.step, self.state_dict, {"rng": rng_state()}, final), final)
-        else:
+        if plan.background:
             ck.start(self.step, self.state_dict, {"rng": rng_state()})
             self.log.debug("checkpoint write started", step=self.step)
+        else:
+            self.report(ck.save(self.step, self.state_dict, {"rng": rng_state()}, plan.final), plan.final)
 
     def conclude(self) -> None:
         """Record and commit the write in flight (collective; waits for this rank's writer)."""
@@ -189,6 +172,7 @@ class Trainer:
         """Train to max_steps (exit 0) or until the ranks agree to stop (exit 143)."""
         self.watchdog.start(self.step)  # armed before the first step: a hang in it is caught too
         self.ledger.opened(self.step)
+        self._last_log = (self.clock(), self.tokens_seen, self.step)  # throughput of this start only
         self.choose_interval()
         self.progress = Progress(self.cfg.telemetry.progress, self.world.is_main, self.cfg.trainer.max_steps, self.step)
         try:
@@ -204,18 +188,20 @@ class Trainer:
                 # One small all-reduce per step: a signal anywhere, the time-based interval, a write still running.
                 stop, time_due, writing = distributed.any_true(self.world, self.preemption.requested,
                                                                ck.seconds_due(), ck.busy)
-                finished = self.step >= t.max_steps
-                if ck.in_flight is not None and (not writing or stop or finished):
+                at = partial(Boundary, step=self.step, max_steps=t.max_steps, stop=stop, time_due=time_due,
+                             writing=writing, steps_due=ck.steps_due(self.step),
+                             asynchronous=self.cfg.checkpoint.asynchronous)
+                if at(in_flight=ck.in_flight, committed=ck.committed_step).commit():
                     with self.ledger.spend("checkpoint"):
                         self.conclude()  # written everywhere, or the final flush must wait for it
-                unsaved = self.step > 0 and self.step != ck.committed_step
-                if unsaved and (stop or finished or time_due or ck.steps_due(self.step)):
+                boundary = at(in_flight=ck.in_flight, committed=ck.committed_step)
+                if (plan := boundary.save()) is not None:
                     with self.ledger.spend("checkpoint"):
-                        self.save(final=stop or finished)
-                if stop:
+                        self.save(plan)
+                if boundary.outcome() == "stop":
                     self.log.warning("stopped by signal after final checkpoint", step=self.step)
                     return EXIT_PREEMPTED
-                if finished:
+                if boundary.outcome() == "finish":
                     break
                 with self.ledger.spend("train"):
                     loss = self.train_step()
@@ -246,9 +232,9 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         device, loss_sum, indices = self.world.device, torch.zeros((), device=self.world.device), []
         for micro in range(self.accum):
-            waited = time.perf_counter()
+            waited = self.clock()
             batch = self.train.next()
-            self.data_wait += time.perf_counter() - waited
+            self.data_wait += self.clock() - waited
             last = micro == self.accum - 1
             with nullcontext() if last or not self.world.distributed else self.model.no_sync():
                 with self.autocast():
@@ -297,7 +283,7 @@ class Trainer:
 
     def log_step(self, loss: torch.Tensor) -> None:
         (loss_total,) = distributed.all_sum(self.world, [loss.item()])
-        now, tokens = time.perf_counter(), self.tokens_seen
+        now, tokens = self.clock(), self.tokens_seen
         last_time, last_tokens, last_step = self._last_log
         self._last_log = (now, tokens, self.step)
         elapsed, steps = max(now - last_time, 1e-9), max(self.step - last_step, 1)
@@ -334,7 +320,7 @@ class Trainer:
         self.log.info("eval", step=self.step, val_loss=round(val_loss, 4), **{k: round(v, 4) for k, v in extra.items()})
 
     def generate(self, prompt: str, tokens: int) -> str:
-        return generate(self.raw, self.tokenizer, prompt, tokens, self.cfg.run.seed, self.world.device)
+        return complete(self.raw, self.tokenizer, prompt, tokens, self.cfg.run.seed, self.world.device)
 
     def close(self) -> None:
         self.watchdog.stop()  # every exit (0, 143, a UserError, a crash) ends the watch here at the latest

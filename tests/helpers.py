@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from prefix.processes import ProcessTree
+from prefix.runs import read_jsonl  # noqa: F401 (the tests import it from here)
+from prefix.state import TrainState
+from prefix.tools import processes
+from prefix.tools.processes import ProcessTree
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -20,10 +21,7 @@ TINY = REPO / "configs" / "tiny.yaml"
 
 def train_cmd(nproc: int, run_name: str, runs_root: Path, *overrides: str, config: Path = TINY) -> list[str]:
     """torchrun with `nproc` ranks, or a plain `python -m prefix.train` when nproc is 0."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    entry = ["-m", "prefix.train"] if nproc else [sys.executable, "-m", "prefix.train"]
-    return [*(launcher if nproc else []), *entry, "--config", str(config), "--run-name", run_name,
-            "--runs-root", str(runs_root), *overrides]
+    return processes.train_cmd(nproc, run_name, runs_root, config, *overrides)
 
 
 class Launch:
@@ -61,7 +59,7 @@ class Launch:
         """What a container runtime does: SIGKILL every process of the run at once.
 
         torchrun puts each worker in a session of its own, so the process tree, not the process
-        group, is what must be killed (see `prefix.processes.ProcessTree`).
+        group, is what must be killed (see `prefix.tools.processes.ProcessTree`).
         """
         ProcessTree(self.proc.pid).kill()
         self.proc.wait(30)
@@ -102,19 +100,13 @@ def assert_workers_exit_2(result: subprocess.CompletedProcess, fragment: str) ->
     assert tracebacks == result.stderr.count("ChildFailedError:"), result.stderr[-5000:]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
-
-
 def losses(run_dir: Path) -> dict[int, float]:
     """Loss per step from metrics/train.jsonl; a step redone after a crash keeps its last value."""
     return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics" / "train.jsonl")}
 
 
-def checkpoint(run_dir: Path, name: str = "latest.pt") -> dict:
-    return torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
+def checkpoint(run_dir: Path, name: str = "latest.pt") -> TrainState:
+    return TrainState.load(run_dir / "checkpoints" / name)
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

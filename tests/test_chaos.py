@@ -7,7 +7,7 @@ import sys
 
 from helpers import TINY, run
 
-from prefix import chaos
+from prefix.tools import chaos
 
 STEPS = 150
 
@@ -19,7 +19,7 @@ def test_kill_plan_uses_every_kind_in_random_order() -> None:
 
 
 def test_random_kills_of_every_kind_leave_the_run_bitwise_identical(tmp_path) -> None:
-    report = chaos.run(TINY, kills=6, seed=1, runs_root=tmp_path, overrides=(f"trainer.max_steps={STEPS}",))
+    report = chaos.play(TINY, kills=6, seed=1, runs_root=tmp_path, overrides=(f"trainer.max_steps={STEPS}",))
     print(report)
     made = report.by_kind()
     assert len(report.kills) == sum(made.values()) == 6, "the run finished before every kill was made"
@@ -34,7 +34,7 @@ def test_random_kills_of_every_kind_leave_the_run_bitwise_identical(tmp_path) ->
 
 def test_bad_argument_is_one_line_with_exit_code_2() -> None:
     for args in (["--kills", "many"], ["--frobnicate"], ["--kills", "-1"], ["trainer.max_stepz=3"]):
-        result = run([sys.executable, "-m", "prefix.chaos", *args], timeout=60)
+        result = run([sys.executable, "-m", "prefix.cli", "chaos", *args], timeout=60)
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr

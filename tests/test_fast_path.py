@@ -19,7 +19,7 @@ from helpers import assert_clean_exit_2, checkpoint, losses, read_jsonl, run, tr
 from prefix import config
 from prefix.fast_path import autocast_dtype, wants_compile
 from prefix.model import GPT
-from prefix.trainer import build_optimizer
+from prefix.optim import build_optimizer
 
 STEPS = 3
 FAST = (f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "data.num_workers=0", "telemetry.system_every_s=0")
@@ -39,8 +39,8 @@ def layout(state: dict) -> dict:
         if isinstance(value, dict):
             return {k: describe(v) for k, v in value.items()}
         return type(value).__name__
-    return {"model": describe(state["model"]), "optimizer_state": describe(state["optimizer"]["state"]),
-            "optimizer_groups": [sorted(g) for g in state["optimizer"]["param_groups"]], "keys": sorted(state)}
+    return {"model": describe(state.model), "optimizer_state": describe(state.optimizer["state"]),
+            "optimizer_groups": [sorted(g) for g in state.optimizer["param_groups"]], "keys": sorted(state.to_dict())}
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +58,9 @@ def test_eager_and_compiled_runs_resume_each_other_with_one_checkpoint_format(ea
     assert [e["compile"] for e in events if e["event"] == "fast path"] == [False, True]
     assert read_jsonl(run_dir / "meta" / "starts.jsonl")[-1]["config_changes"]["trainer.compile"] == [False, True]
     compiled = checkpoint(run_dir)
-    assert compiled["step"] == STEPS + 2
+    assert compiled.step == STEPS + 2
     assert layout(compiled) == layout(checkpoint(eager))
-    assert not any(k.startswith(("_orig_mod", "module")) for k in compiled["model"])
+    assert not any(k.startswith(("_orig_mod", "module")) for k in compiled.model)
     # and back: the compiled run's checkpoint resumes eager
     train(tmp_path, "switch", "trainer.compile=false", f"trainer.max_steps={STEPS + 3}")
     assert layout(checkpoint(run_dir)) == layout(checkpoint(eager))
@@ -76,7 +76,7 @@ def test_bf16_autocast_trains_close_to_fp32_with_fp32_weights(eager: Path, tmp_p
     # At initialisation the logits are near 0 and the loss near log(vocab) either way: close, not equal.
     assert bf16[1] != fp32[1], "autocast did not change the computation"
     assert all(abs(bf16[s] - fp32[s]) / fp32[s] < 0.02 for s in fp32), (bf16, fp32)
-    weights, reference = checkpoint(bf16_dir)["model"], checkpoint(eager)["model"]
+    weights, reference = checkpoint(bf16_dir).model, checkpoint(eager).model
     assert layout(checkpoint(bf16_dir)) == layout(checkpoint(eager))
     assert {v.dtype for v in weights.values()} == {torch.float32}, "master weights stay float32"
     assert not torch.equal(weights["tok_emb.weight"], reference["tok_emb.weight"])

@@ -33,7 +33,7 @@ def test_corrupted_latest_falls_back_to_prev_and_ends_bit_identical(tmp_path):
     cmd = train_cmd(2, "flip", tmp_path)
     assert run(cmd).returncode == 0
     run_dir = tmp_path / "flip"
-    finished = checkpoint(run_dir)["model"]
+    finished = checkpoint(run_dir).model
     latest = run_dir / "checkpoints" / "latest.pt"
     data = bytearray(latest.read_bytes())
     data[len(data) // 2] ^= 0x10  # one bit, in tensor data: the file still loads
@@ -45,7 +45,7 @@ def test_corrupted_latest_falls_back_to_prev_and_ends_bit_identical(tmp_path):
     assert unusable["file"] == "latest.pt" and "SHA-256 does not match" in unusable["reason"]
     assert events(run_dir, "falling back to step 30 in prev.pt")
     assert events(run_dir, "resumed from step 30")
-    assert_same_weights(checkpoint(run_dir)["model"], finished)
+    assert_same_weights(checkpoint(run_dir).model, finished)
 
 
 def test_full_disk_keeps_training_then_exits_2_naming_the_resume_step(tmp_path, tmpfs):
@@ -64,14 +64,14 @@ def test_full_disk_keeps_training_then_exits_2_naming_the_resume_step(tmp_path, 
     assert "a restart resumes from step 20 (latest.pt)" in first.stderr
     failed = events(tmp_path / "full", "checkpoint failed")
     assert [e["step"] for e in failed] == [30] and failed[0]["restart_resumes_from"] == "step 20 (latest.pt)"
-    assert checkpoint(tmp_path / "full")["step"] == 20
+    assert checkpoint(tmp_path / "full").step == 20
     assert not list(checkpoints.glob("*.tmp"))
 
     tmpfs(checkpoints, 16 * 1024)  # the volume is grown; the restart picks up at step 20
     second = run(cmd)
     assert second.returncode == 0, second.stderr[-3000:]
     assert events(tmp_path / "full", "resumed from step 20")
-    assert_same_weights(checkpoint(tmp_path / "full")["model"], checkpoint(baseline)["model"])
+    assert_same_weights(checkpoint(tmp_path / "full").model, checkpoint(baseline).model)
 
 
 def test_malicious_checkpoint_is_refused_and_its_code_never_runs(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import Launch, losses, read_jsonl, train_cmd
 
-from prefix.goodput import PARTS, account
+from prefix.runs.goodput import PARTS, account
 
 SETTINGS = ("trainer.max_steps=100", "checkpoint.every_steps=20", "trainer.eval_every=25", "trainer.log_every=5")
 

@@ -28,19 +28,8 @@ LLAMA = ("model.n_layer=2", "model.n_head=4", "model.d_model=64", "model.mlp_hid
 
 
 def transformers():
-    """transformers, importable although this CPU torch's torchvision wheel fails to load (as compat.py)."""
-    try:
-        import torchvision  # noqa: F401
-        broken = False
-    except Exception:  # RuntimeError: operator torchvision::nms does not exist
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        sys.modules["torchvision"] = None  # transformers then sees no torchvision
-        broken = True
     import transformers as tf
 
-    if broken:  # imported earlier in this process (streaming imports it), transformers decided it had one
-        tf.utils.import_utils._torchvision_available = False
     return tf
 
 
@@ -147,7 +136,7 @@ def test_export_loads_in_transformers_with_the_same_logits(trained, exported):
     assert hf_cfg["architectures"] == ["LlamaForCausalLM"] and hf_cfg["tie_word_embeddings"] is True
     assert (hf_cfg["intermediate_size"], hf_cfg["rms_norm_eps"], hf_cfg["eos_token_id"]) == (192, 1e-5, 256)
     saved = checkpoint(trained / "tiny")
-    assert max_diff(prefix_logits(saved["model"], saved["config"]), hf_logits(exported)) < TOL
+    assert max_diff(prefix_logits(saved.model, saved.config), hf_logits(exported)) < TOL
 
     text = "def f(x):\n    return 'héllo' ∑ 日本\n"
     tokenizer = transformers().AutoTokenizer.from_pretrained(exported)
@@ -171,7 +160,7 @@ def test_export_refuses_a_non_empty_out_unless_forced(trained, exported, tmp_pat
 
 def test_export_imports_back_with_the_same_logits(trained, exported, tmp_path):
     saved = checkpoint(trained / "tiny")
-    expected = prefix_logits(saved["model"], saved["config"])
+    expected = prefix_logits(saved.model, saved.config)
     with torch.no_grad():
         assert torch.equal(hf.load_model(exported)(TOKENS)[0], expected), "the loader is exact"
 
@@ -181,8 +170,8 @@ def test_export_imports_back_with_the_same_logits(trained, exported, tmp_path):
                            "trainer.lr=1e-12", "trainer.min_lr=0", "trainer.eval_every=0"))
     assert result.returncode == 0, result.stderr[-3000:]
     started = checkpoint(tmp_path / "imported")
-    assert started["config"]["model"]["init_from"] == str(exported)
-    assert max_diff(prefix_logits(started["model"], started["config"]), hf_logits(exported)) < TOL
+    assert started.config["model"]["init_from"] == str(exported)
+    assert max_diff(prefix_logits(started.model, started.config), hf_logits(exported)) < TOL
     events = [e["event"] for e in read_jsonl(tmp_path / "imported" / "logs" / "rank0.jsonl")]
     assert "initialised from a Hugging Face folder" in events
 
@@ -222,7 +211,7 @@ def test_llama_trains_under_torchrun_and_resumes_exactly_after_sigterm(llama_dir
     assert second.wait() == 0, (tmp_path / "log2").read_text()[-3000:]
 
     assert losses(tmp_path / "r") == losses(tmp_path / "base")
-    assert_same_weights(checkpoint(tmp_path / "r")["model"], checkpoint(tmp_path / "base")["model"])
+    assert_same_weights(checkpoint(tmp_path / "r").model, checkpoint(tmp_path / "base").model)
     log = read_jsonl(tmp_path / "r" / "logs" / "rank0.jsonl")
     assert [e["event"] for e in log if "Hugging Face" in e["event"] or "init_from" in e["event"]] == [
         "initialised from a Hugging Face folder", "model.init_from ignored: resuming from the checkpoint"]

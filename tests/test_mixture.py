@@ -77,8 +77,8 @@ def test_resume_continues_the_same_mixture(streams, baseline: Path, tmp_path: Pa
     second = Launch(train_cmd(2, "r", tmp_path, *settings(streams)), tmp_path / "log2")
     assert second.wait() == 0, (tmp_path / "log2").read_text()[-3000:]
     assert samples_by_step(run_dir) == samples_by_step(baseline)
-    assert_same_weights(checkpoint(run_dir)["model"], checkpoint(baseline)["model"])
-    assert checkpoint(run_dir)["config"]["data"]["streams"][0]["proportion"] == 0.75
+    assert_same_weights(checkpoint(run_dir).model, checkpoint(baseline).model)
+    assert checkpoint(run_dir).config["data"]["streams"][0]["proportion"] == 0.75
 
     changed = run_cmd(train_cmd(0, "r", tmp_path, *settings(streams, a=0.5)))
     assert_clean_exit_2(changed, "data.streams")

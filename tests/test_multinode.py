@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY, Launch, assert_same_weights, checkpoint, isolation_prefix, losses, read_jsonl
 
-from prefix.processes import ProcessTree
+from prefix.tools.processes import ProcessTree
 
 STEPS = 40  # tiny's defaults: 40 steps, a checkpoint every 10
 GRACE_S = 30  # Kubernetes' default terminationGracePeriodSeconds
@@ -112,8 +112,8 @@ def baseline(tmp_path_factory) -> Path:
 
 def assert_finished_like(run_dir: Path, baseline: Path) -> None:
     assert losses(run_dir) == losses(baseline)
-    assert checkpoint(run_dir)["step"] == STEPS
-    assert_same_weights(checkpoint(run_dir)["model"], checkpoint(baseline)["model"])
+    assert checkpoint(run_dir).step == STEPS
+    assert_same_weights(checkpoint(run_dir).model, checkpoint(baseline).model)
 
 
 def survivor_exit(survivor: Launch, since: float) -> tuple[int, float]:
@@ -144,7 +144,7 @@ def test_preempted_node_stops_both_and_restart_is_bitwise(cluster: Cluster, base
 
     stopped_at = max(losses(cluster.run_dir))
     assert stopped_at < STEPS, "the signal must land before the end for this test to mean anything"
-    assert checkpoint(cluster.run_dir)["step"] == stopped_at, "both ranks agreed and saved the last step"
+    assert checkpoint(cluster.run_dir).step == stopped_at, "both ranks agreed and saved the last step"
     for rank in (0, 1):
         events = [e["event"] for e in read_jsonl(cluster.run_dir / "logs" / f"rank{rank}.jsonl")]
         assert "stopped by signal after final checkpoint" in events, f"rank {rank}"
@@ -166,7 +166,7 @@ def test_killed_node_fails_the_other_and_restart_is_bitwise(cluster: Cluster, ba
     survivor_rc, seconds = survivor_exit(survivor, t0)
     print(f"SIGKILL of node {dead}: surviving agent exited {survivor_rc} {seconds:.1f}s after the kill")
     assert survivor_rc != 0
-    saved = checkpoint(cluster.run_dir)["step"]
+    saved = checkpoint(cluster.run_dir).step
     assert saved <= killed_at < STEPS
 
     cluster.finish()

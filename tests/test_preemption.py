@@ -73,7 +73,7 @@ def test_sigterm_before_first_step_exits_promptly_and_changes_nothing(tmp_path):
     assert time.monotonic() - started < 30, "stops well inside torchrun's shutdown timeout"
     after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
     assert after == before
-    assert checkpoint(run_dir)["step"] == 10
+    assert checkpoint(run_dir).step == 10
 
 
 def test_exit_promptly_runs_the_exit_hooks_and_joins_the_threads():
@@ -120,4 +120,4 @@ def test_sigterm_exit_leaves_everything_written_and_nothing_behind(tmp_path):
     events = [json.loads(line)["event"] for line in (run_dir / "logs" / "rank0.jsonl").read_text().splitlines()]
     assert events[-1] == "stopped by signal after final checkpoint"
     assert json.loads((run_dir / "meta" / "run.json").read_text())["status"] == "preempted"
-    assert checkpoint(run_dir)["step"] == max(losses(run_dir))
+    assert checkpoint(run_dir).step == max(losses(run_dir))

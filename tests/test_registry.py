@@ -9,7 +9,7 @@ from pathlib import Path
 
 from helpers import REPO, Launch, losses, read_jsonl, run, train_cmd
 
-from prefix.registry import Registry
+from prefix.runs.registry import Registry
 
 QUICK = ("trainer.max_steps=200", "checkpoint.every_steps=10", "trainer.eval_every=0")
 
@@ -75,7 +75,7 @@ def test_registry_follows_runs_preemptions_and_kills_and_reindexes(tmp_path: Pat
 WRITER = """
 import sys, time
 from pathlib import Path
-from prefix.registry import Registry
+from prefix.runs.registry import Registry
 registry, name = Registry(Path(sys.argv[1]), timeout_s=30), sys.argv[2]
 for step in range(300):
     registry.update({"run": name, "experiment": "x", "status": "running", "created": 1.0, "updated": time.time(),

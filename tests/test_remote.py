@@ -53,7 +53,7 @@ def test_resume_with_the_cache_deleted_is_bitwise_identical(remote: Path, tmp_pa
     assert second.wait() == 0, (tmp_path / "log2").read_text()[-3000:]
     assert shards(cache / version(remote)), "the restart downloaded again"
     assert losses(run_dir) == losses(tmp_path / "base")
-    assert_same_weights(checkpoint(run_dir)["model"], checkpoint(tmp_path / "base")["model"])
+    assert_same_weights(checkpoint(run_dir).model, checkpoint(tmp_path / "base").model)
 
 
 def test_cache_is_reused_and_a_rewritten_remote_gets_a_new_one(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ import numpy as np
 from helpers import Launch, assert_clean_exit_2, losses, read_jsonl, run, train_cmd
 from PIL import Image
 
-from prefix.report import by_step, by_time
 from prefix.runs import read_jsonl as report_jsonl
+from prefix.tools.report import by_step, by_time
 
 STEPS = ("trainer.max_steps=60", "checkpoint.every_steps=10", "trainer.eval_every=10")
 MARKER_RGB = {"preempted with a final checkpoint": (255, 127, 14), "killed without a final checkpoint": (214, 39, 40)}

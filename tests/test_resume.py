@@ -33,7 +33,7 @@ def test_sigterm_resume_is_bitwise_identical(baseline: Path, tmp_path: Path) -> 
     first.wait()
     stopped_at = max(losses(run_dir))
     assert stopped_at < STEPS, "the signal must land before the end for this test to mean anything"
-    assert checkpoint(run_dir)["step"] == stopped_at, "the final checkpoint holds the last completed step"
+    assert checkpoint(run_dir).step == stopped_at, "the final checkpoint holds the last completed step"
     rank_logs = [read_jsonl(run_dir / "logs" / f"rank{r}.jsonl") for r in (0, 1)]
     for log in rank_logs:
         assert any(e["event"] == "stopped by signal after final checkpoint" for e in log)
@@ -42,8 +42,8 @@ def test_sigterm_resume_is_bitwise_identical(baseline: Path, tmp_path: Path) -> 
     assert second.wait() == 0
     assert any(e["event"] == f"resumed from step {stopped_at}" for e in read_jsonl(run_dir / "logs" / "rank0.jsonl"))
     assert losses(run_dir) == losses(baseline)
-    assert_same_weights(checkpoint(run_dir)["model"], checkpoint(baseline)["model"])
-    assert checkpoint(run_dir)["optimizer"]["state"].keys() == checkpoint(baseline)["optimizer"]["state"].keys()
+    assert_same_weights(checkpoint(run_dir).model, checkpoint(baseline).model)
+    assert checkpoint(run_dir).optimizer["state"].keys() == checkpoint(baseline).optimizer["state"].keys()
     starts = read_jsonl(run_dir / "meta" / "starts.jsonl")
     assert [s["start_step"] for s in starts] == [0, stopped_at]
     assert [s["restart"] for s in starts] == [0, 1]
@@ -55,7 +55,7 @@ def test_sigkill_redoes_only_steps_since_last_checkpoint(baseline: Path, tmp_pat
     first.wait_for_step(run_dir, random.randint(25, 70))
     first.kill_all()
     killed_at = max(losses(run_dir))
-    saved = checkpoint(run_dir)["step"]
+    saved = checkpoint(run_dir).step
     assert saved <= killed_at < STEPS
 
     second = Launch(train_cmd(2, "r", tmp_path, *SETTINGS), tmp_path / "log2")
@@ -65,7 +65,7 @@ def test_sigkill_redoes_only_steps_since_last_checkpoint(baseline: Path, tmp_pat
     # at most one interval, plus the steps an asynchronous write of the next checkpoint was in flight
     assert resumed == saved and killed_at - resumed <= 2 * 10, "redo at most about one checkpoint interval"
     assert losses(run_dir) == losses(baseline)
-    assert_same_weights(checkpoint(run_dir)["model"], checkpoint(baseline)["model"])
+    assert_same_weights(checkpoint(run_dir).model, checkpoint(baseline).model)
 
 
 def test_sigkill_during_a_background_write_resumes_the_previous_checkpoint(baseline: Path, tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_sigkill_during_a_background_write_resumes_the_previous_checkpoint(basel
         launch.kill_all()
         started = [e["step"] for e in read_jsonl(run_dir / "logs" / "rank0.jsonl")
                    if e["event"] == "checkpoint write started"]
-        committed = checkpoint(run_dir)["step"] if (folder / "latest.pt").exists() else 0
+        committed = checkpoint(run_dir).step if (folder / "latest.pt").exists() else 0
         if list(folder.glob("*.tmp")) and started and committed < started[-1]:
             caught = (started[-1], committed)
             break
@@ -98,7 +98,7 @@ def test_sigkill_during_a_background_write_resumes_the_previous_checkpoint(basel
     resumed = read_jsonl(run_dir / "meta" / "starts.jsonl")[-1]["start_step"]
     assert resumed == committed < in_flight
     assert losses(run_dir) == losses(baseline)
-    assert_same_weights(checkpoint(run_dir)["model"], checkpoint(baseline)["model"])
+    assert_same_weights(checkpoint(run_dir).model, checkpoint(baseline).model)
 
 
 def test_restarting_a_finished_run_exits_zero_at_once(baseline: Path) -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from prefix import simulate
+from prefix.tools import simulate
 
 
 def test_three_preemptions_of_the_job_command_end_bit_identical(tmp_path):
-    report = simulate.run(preemptions=3, seed=0, root=tmp_path, source="job")
+    report = simulate.play(preemptions=3, seed=0, root=tmp_path, source="job")
     print(report)
     assert report.preemptions == 3, "the run finished before every preemption"
     assert report.reschedules == {"same-node": 1, "new-node": 1, "resubmit": 1}

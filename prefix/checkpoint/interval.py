@@ -15,7 +15,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-FAILURES = {"preempted with a final checkpoint", "crashed", "killed without a final checkpoint", "unknown"}
+from prefix.runs.layout import PREVIOUS_END, UNKNOWN_END
+
+FAILURES = {*PREVIOUS_END.values(), UNKNOWN_END} - {PREVIOUS_END["completed"]}
 """`previous_end` values of a start that followed a failure (not a run that finished and was extended)."""
 RECENT = 5
 """Saves whose stall makes the cost estimate (the median, so one slow save does not swing it)."""

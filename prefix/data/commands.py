@@ -19,15 +19,8 @@ from pathlib import Path
 from prefix.errors import UserError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, like every other user error
-        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
-        sys.exit(2)
-
-
-def _parser() -> argparse.ArgumentParser:
-    top = _Parser(prog="prefix data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def arguments(top: argparse.ArgumentParser) -> None:
+    sub = top.add_subparsers(dest="data_command", required=True, metavar="COMMAND", parser_class=type(top))
     p = sub.add_parser("prepare", help="tokenize, pack and write train/ and val/ MDS splits with a manifest",
                        description="Prepare a dataset for `data.local` / `data.remote` (docs/prepare.md).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or quoted glob patterns")
@@ -52,18 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, at least 257")
     t.add_argument("--out", required=True, type=Path, help="folder for tokenizer.json")
     t.add_argument("--text-field", default="text", metavar="NAME", help="JSON/CSV/parquet field with the text")
-    return top
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     try:
-        print(_prepare(args) if args.command == "prepare" else _train_tokenizer(args))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        print(_prepare(args) if args.data_command == "prepare" else _train_tokenizer(args))
     except KeyboardInterrupt:
-        print(f"{args.command}: interrupted; {args.out} was not written", file=sys.stderr)
+        print(f"{args.data_command}: interrupted; {args.out} was not written", file=sys.stderr)
         return 130
     return 0
 

@@ -42,8 +42,12 @@ Writers = dict[str, "SplitWriter"]
 
 def is_validation(identity: str, val_fraction: float) -> bool:
     """Hold out documents by a hash of their identity: stable whatever else is in the corpus."""
-    bucket = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:4], "little") % 100_000
-    return bucket < val_fraction * 100_000
+    return holdout_bucket(identity) < val_fraction * 100_000
+
+
+def holdout_bucket(identity: str) -> int:
+    """0 to 99,999: a document is held out when its bucket is below `val_fraction` x 100,000."""
+    return int.from_bytes(hashlib.sha256(identity.encode()).digest()[:4], "little") % 100_000
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -104,11 +108,12 @@ def _raw_bytes(sample: dict) -> bytes:
 
 
 def write_dataset(root: Path, fill: Callable[[Writers], None], *, seq_len: int, vocab_size: int,
-                  shard_size: int, describe: dict) -> dict:
+                  shard_size: int, describe: dict, too_small: Callable[[str, SplitWriter], str] | None = None) -> dict:
     """Let `fill` add ids to root/train and root/val, then write the manifest (last); returns it.
 
     `describe` gives the manifest's sources, tokenizer, text_field and bad_records (a `BadRecords`,
-    read after `fill`, which counts them as it reads).
+    read after `fill`, which counts them as it reads). A split without one full sample is an error;
+    `too_small(split, writer)` words it for the caller's options.
     """
     dtype = token_dtype(vocab_size)
     writers = {split: SplitWriter(root / split, seq_len, dtype, shard_size) for split in SPLITS}
@@ -117,7 +122,8 @@ def write_dataset(root: Path, fill: Callable[[Writers], None], *, seq_len: int, 
         writer.close()
     for split, w in writers.items():
         if not w.samples:
-            raise UserError(f"the {split} split has {w.tokens} tokens, fewer than one sequence of "
+            raise UserError(too_small(split, w) if too_small else
+                            f"the {split} split has {w.tokens} tokens, fewer than one sequence of "
                             f"seq_len + 1 = {seq_len + 1}; lower --seq-len or add data")
     per_split = {key: {s: getattr(w, attr) for s, w in writers.items()} for key, attr in
                  (("documents", "documents"), ("tokens", "tokens"), ("samples", "samples"),

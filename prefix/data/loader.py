@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import structlog
 import torch
 
 from prefix.config import Config, parse_size
@@ -87,7 +88,9 @@ def _bound_lookahead(ds: IndexedDataset, readers: int, where: str, setting: str)
     ds.predownload = min(ds.predownload, ahead)
 
 
-def _dataset(cfg: Config, sources: list[Source], split: str, shuffle: bool, workers: int = 0) -> IndexedDataset:
+def _dataset(cfg: Config, sources: list[Source], split: str, shuffle: bool,
+             workers: int = 0) -> tuple[IndexedDataset, list[tuple[str, int]]]:
+    """The split's dataset, checked, and the width (token ids per sample) of each source's samples."""
     d = cfg.data
     where = sources[0].key if len(sources) == 1 else "data.streams"
     for source in sources:
@@ -114,12 +117,31 @@ def _dataset(cfg: Config, sources: list[Source], split: str, shuffle: bool, work
         readers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * max(workers, 1)
         _bound_lookahead(ds, readers, f"{where} ({split})", d.cache_limit)
     check_shards(ds, f"{where} ({split})", d.validate_hash)
-    for offset in ds.sample_offset_per_stream:
+    widths = []
+    for source, offset in zip(sources, ds.sample_offset_per_stream, strict=True):
         width = len(ds[int(offset)]["tokens"])
         if width < cfg.model.seq_len + 1:
             raise UserError(f"model.seq_len: {cfg.model.seq_len} needs samples of {cfg.model.seq_len + 1} "
                             f"tokens but {where} ({split}) holds {width}; lower model.seq_len or rebuild the data")
-    return ds
+        widths.append((source.key, width))
+    return ds, widths
+
+
+def _warn_cropped(widths: list[tuple[str, int]], seq_len: int) -> None:
+    """Samples wider than seq_len + 1 are cropped: legitimate (a curriculum), but say what it costs, once.
+
+    Logged by rank 0 when the training stream is built: the run's first console lines.
+    """
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    log = structlog.get_logger().bind(rank=0)
+    for key, width in widths:
+        if width > seq_len + 1:
+            used, dropped = seq_len + 1, width - seq_len - 1
+            log.warning(f"{key}: samples hold {width} token ids but model.seq_len={seq_len} trains on the first "
+                        f"{used} of each and drops {dropped} ({dropped / width:.0%} of the data); set "
+                        f"model.seq_len={width - 1} to use them all, or prepare the data again with "
+                        f"--seq-len {seq_len}", sample_tokens=width, used_tokens=used, dropped_tokens=dropped)
 
 
 @dataclass
@@ -171,7 +193,9 @@ class TrainStream:
         self.pin_memory = pin_memory  # page-locked batches for asynchronous copies to a CUDA device
         self.validate_hash = cfg.data.validate_hash
         self.versions = [s.version for s in sources]
-        self.dataset = _dataset(cfg, sources, cfg.data.train_split, cfg.data.shuffle, cfg.data.num_workers)
+        self.dataset, widths = _dataset(cfg, sources, cfg.data.train_split, cfg.data.shuffle,
+                                        cfg.data.num_workers)
+        _warn_cropped(widths, self.seq_len)
         self.loader = StreamingDataLoader(
             self.dataset, batch_size=cfg.trainer.micro_batch_size, num_workers=cfg.data.num_workers,
             worker_init_fn=_ignore_stop_signals if cfg.data.num_workers else None,
@@ -250,7 +274,7 @@ class ValStream:
         self.seq_len, self.vocab_size = cfg.model.seq_len, cfg.model.vocab_size
         self.batches = cfg.trainer.eval_batches
         # A mixture is shuffled so that the first batches represent every stream; still deterministic.
-        self.dataset = _dataset(cfg, sources, cfg.data.val_split, shuffle=len(sources) > 1)
+        self.dataset, _ = _dataset(cfg, sources, cfg.data.val_split, shuffle=len(sources) > 1)
         self.loader = StreamingDataLoader(self.dataset, batch_size=cfg.trainer.micro_batch_size,
                                           num_workers=0, collate_fn=collate)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -28,7 +30,16 @@ import numpy as np
 
 from prefix import config
 from prefix.data import tokenizers
-from prefix.data.corpus import SPLITS, Writers, commit, is_validation, staging, write_dataset
+from prefix.data.corpus import (
+    SPLITS,
+    SplitWriter,
+    Writers,
+    commit,
+    holdout_bucket,
+    is_validation,
+    staging,
+    write_dataset,
+)
 from prefix.data.sources import (
     BadRecords,
     Source,
@@ -181,9 +192,10 @@ def prepare(inputs: Iterable[str], out: str | Path, *, val: Iterable[str] = (), 
                              "split": "val" if s.held_out else "train" if has_val else "train+val"}
                             for s in sources],
                 "text_field": None if arrays else text_field}
-    bad = BadRecords()
-    docs = ((s.held_out if has_val else is_validation(identity, val_fraction), text)
-            for s in sources for identity, text in read_documents(s, text_field, bad))
+    bad, held = BadRecords(), _Holdout()
+    docs = held.split(sources, text_field, bad, val_fraction) if not has_val else \
+        ((s.held_out, text) for s in sources for _, text in read_documents(s, text_field, bad))
+    too_small = _TooSmall(seq_len, val_fraction, has_val, sum(len(a) for _, a in arrays) if arrays else None, held)
     from tqdm import tqdm
 
     try:
@@ -200,7 +212,7 @@ def prepare(inputs: Iterable[str], out: str | Path, *, val: Iterable[str] = (), 
             fill = (lambda w: arrays_into(w, arrays, val_fraction, bar)) if arrays else \
                 (lambda w: tokenize_into(w, docs, tok, workers, bar))
             manifest = write_dataset(tmp, fill, seq_len=seq_len, vocab_size=vocab, shard_size=size_limit,
-                                     describe=describe | {"bad_records": bad})
+                                     describe=describe | {"bad_records": bad}, too_small=too_small)
             bar.update(bar.total - bar.n)
         commit(tmp, out, overwrite)
     except BaseException as e:
@@ -210,6 +222,75 @@ def prepare(inputs: Iterable[str], out: str | Path, *, val: Iterable[str] = (), 
                             "folder") from None
         raise
     return manifest
+
+
+@dataclass
+class _Holdout:
+    """Documents split by the hash of their identity, and what it would take to hold out one more."""
+
+    documents: int = 0
+    lowest_train: int = 100_000
+    """The smallest hash bucket among the training documents (see `corpus.holdout_bucket`)."""
+
+    def split(self, sources: list[Source], text_field: str, bad: BadRecords,
+              val_fraction: float) -> Iterator[tuple[bool, str | bytes]]:
+        for source in sources:
+            for identity, text in read_documents(source, text_field, bad):
+                self.documents += 1
+                held_out = is_validation(identity, val_fraction)
+                if not held_out:
+                    self.lowest_train = min(self.lowest_train, holdout_bucket(identity))
+                yield held_out, text
+
+    def fraction_for_one_more(self) -> float | None:
+        """The smallest --val-fraction (3 decimals) that holds out one training document more, if any."""
+        needed = math.ceil((self.lowest_train + 1) / 100) / 1000
+        return needed if needed < 1 else None
+
+
+@dataclass
+class _TooSmall:
+    """One line for a split without one full sample: what it got, and the options that fix it."""
+
+    seq_len: int
+    val_fraction: float
+    has_val: bool
+    array_ids: int | None  # token arrays: all their ids; None for text
+    held: _Holdout
+
+    def __call__(self, split: str, w: SplitWriter) -> str:
+        width = self.seq_len + 1
+        short = f"fewer than one sample of --seq-len {self.seq_len} + 1 = {width}"
+        shorter = [f"lower --seq-len to {w.tokens - 1} or less"] if w.tokens >= 2 else []
+        docs = "" if self.array_ids is not None else f" in {w.documents} document(s)"
+        if split == "train":
+            fixes = ["add training data"]
+            if not self.has_val and self.val_fraction > 0:
+                fixes.append(f"lower --val-fraction (now {self.val_fraction})")
+            return f"the train split holds {w.tokens} tokens{docs}, {short}; {_either(fixes + shorter)}"
+        if self.has_val:
+            return (f"the val split (the --val inputs) holds {w.tokens} tokens{docs}, {short}; "
+                    f"{_either(['pass more validation data with --val', *shorter])}")
+        fixes = ["name validation files with --val FILE", *shorter]
+        if self.array_ids is not None:
+            needed = math.ceil(width / max(self.array_ids, 1) * 1000) / 1000
+            raise_it = f"raise --val-fraction to {needed} or more" if needed < 1 else "raise --val-fraction"
+            return (f"the val split got {w.tokens} tokens (the last {self.val_fraction} of each token array's "
+                    f"ids, {self.array_ids} ids in all), {short}; {_either([raise_it, *fixes])}")
+        if w.documents == 0:
+            needed = self.held.fraction_for_one_more()
+            raise_it = f"raise --val-fraction to {needed} or more (that holds out at least one)" if needed \
+                else "raise --val-fraction"
+            return (f"the val split got no documents: --val-fraction {self.val_fraction} held out none of the "
+                    f"{self.held.documents} documents (whole documents, chosen by a hash of their name); "
+                    f"{_either([raise_it, *fixes])}")
+        return (f"the val split holds {w.tokens} tokens{docs} (--val-fraction {self.val_fraction} of "
+                f"{self.held.documents} documents), {short}; "
+                f"{_either(['raise --val-fraction', *fixes])}")
+
+
+def _either(fixes: list[str]) -> str:
+    return ", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0]
 
 
 def _check_options(seq_len: int, val_fraction: float, workers: int, bin_dtype: str, vocab_size: int | None) -> None:

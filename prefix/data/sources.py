@@ -47,7 +47,7 @@ class Source:
 
 @dataclass
 class BadRecords:
-    """Records skipped, by reason. Counted, never fatal (except a field no record of a source has)."""
+    """Records skipped, by reason. Counted, never fatal (except a text field most records of a source lack)."""
 
     missing_field: int = 0
     undecodable: int = 0
@@ -109,13 +109,14 @@ def find_sources(inputs: Iterable[str], held_out: bool = False, exclude: Path | 
 
 def read_documents(source: Source, text_field: str, bad: BadRecords) -> Iterator[tuple[str, str]]:
     """(identity, text) of every good record of a text source; bad ones are counted in `bad`."""
-    parsed, missing, seen = 0, 0, dict[str, None]()
+    parsed, missing, seen = 0, 0, dict[str, None]()  # seen: fields of the records without a string text_field
     try:
         for number, record in enumerate(_records(source, text_field)):
             parsed += record is not _UNDECODABLE
             if isinstance(record, dict):
-                seen.update(dict.fromkeys(list(record)[:20]) if len(seen) < 20 else {})
-                record = record.get(text_field)
+                fields, record = record, record.get(text_field)
+                if not isinstance(record, str | bytes) and len(seen) < 20:
+                    seen.update(dict.fromkeys(list(fields)[:20]))
             if isinstance(record, bytes):
                 try:
                     record = record.decode()
@@ -137,6 +138,10 @@ def read_documents(source: Source, text_field: str, bad: BadRecords) -> Iterator
     if parsed and missing == parsed:  # a wrong --text-field, not a few bad records
         raise UserError(f"{source.path}: no record has a string field '{text_field}' (fields seen: "
                         f"{', '.join(seen) or 'none'}); name the text field with --text-field")
+    if missing * 2 > parsed:  # most of the output would be missing: not a few bad records either
+        raise UserError(f"{source.path}: {missing} of {parsed} records have no string field '{text_field}' "
+                        f"(their fields: {', '.join(seen) or 'none'}); name the text field with --text-field, "
+                        "or fix or leave out those records")
 
 
 def _encodable(text: str) -> bool:

@@ -194,6 +194,17 @@ def from_entry(folder: Path, entry: dict | str) -> Tokenizer:
     return tok
 
 
+COPY = "tokenizer"
+"""A run's meta/tokenizer/ and an export's tokenizer/: the tokenizer's files and a manifest naming it."""
+
+
+def save_copy(folder: Path, tokenizer: Tokenizer) -> None:
+    """folder/tokenizer/: the files and a manifest.json, read back by `from_dataset(folder / COPY)`."""
+    copy = folder / COPY
+    copy.mkdir(parents=True, exist_ok=True)
+    (copy / MANIFEST).write_text(json.dumps({"tokenizer": tokenizer.save(copy)}))
+
+
 def from_dataset(root: Path) -> Tokenizer | None:
     """The tokenizer recorded in root/manifest.json; None without one (e.g. MDS data from other tools)."""
     path = root / MANIFEST

@@ -15,8 +15,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from prefix.runs.layout import STATUSES
+
 DB_NAME = "registry.sqlite"
-STATUSES = ("running", "preempted", "crashed", "completed")
 FIELDS = ("run", "experiment", "path", "status", "created", "updated", "step", "target_step", "restarts",
           "exit_code")
 _SCHEMA = """CREATE TABLE IF NOT EXISTS runs (
@@ -67,26 +68,6 @@ class Registry:
             _upsert(db, record)
         finally:
             db.close()
-
-    def start_run(self, experiment: str, run_name: str, resume: bool = True, log: Any = None) -> Any:
-        """Open (resume=True) or create a run directory and return its RunManager (see run_manager.py).
-
-        `begin()` on the manager then records the start; `prefix.train` does the same in steps, so
-        that nothing is written before every check of the start passed.
-        """
-        import structlog
-
-        from prefix.errors import UserError
-        from prefix.run_manager import RunManager
-        from prefix.runs import RunDir, check_run_name
-
-        run_dir = RunDir(self.root / check_run_name(run_name))
-        run_dir.check()
-        if not resume and (run_dir.meta / "run.json").exists():
-            raise UserError(f"{run_dir.path}: the run exists; pass resume=True or choose another run name")
-        run = RunManager(run_dir, experiment, self, log or structlog.get_logger())
-        run.create()
-        return run
 
     def reindex(self) -> int:
         """Rebuild the index from `<root>/*/meta/run.json`; returns the number of runs found."""

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from prefix.errors import UserError
-from prefix.runs import RunDir, read_jsonl, runs_root
-from prefix.status import age, details
+from prefix.runs import RunDir, add_runs_root, read_jsonl, runs_root
+from prefix.runs.layout import PREVIOUS_END
+from prefix.tools.status import age, details
 
 SIZE_IN, DPI = (10, 5), 100
 FIGURES = ("loss.png", "loss_time.png", "throughput.png")
-END_COLOURS = {"preempted with a final checkpoint": "tab:orange", "killed without a final checkpoint": "tab:red",
-               "crashed": "tab:purple", "finished": "tab:gray"}
+END_COLOURS = {PREVIOUS_END["preempted"]: "tab:orange", PREVIOUS_END["running"]: "tab:red",
+               PREVIOUS_END["crashed"]: "tab:purple", PREVIOUS_END["completed"]: "tab:gray"}
 OTHER_END = "black"
 
 
@@ -197,19 +197,14 @@ def summary(facts: dict[str, Any], report: dict[str, Any], t0: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="prefix report",
-                                description="Loss, loss over time and throughput figures with restarts marked, "
-                                            "and a markdown summary of one run.")
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run name")
-    p.add_argument("--runs-root", help="folder of run directories (default: $PREFIX_RUNS_ROOT, else ./runs)")
+    add_runs_root(p)
     p.add_argument("--out", help="folder to write into (default: <run dir>/report/)")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     run_dir = RunDir(runs_root(args.runs_root) / args.run)
-    try:
-        result = build(run_dir, Path(args.out) if args.out else run_dir.path / "report", time.time())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    result = build(run_dir, Path(args.out) if args.out else run_dir.path / "report", time.time())
     print("\n".join(result["written"]))
     return 0

@@ -1,21 +1,18 @@
-"""`prefix runs` (every run at a glance) and `prefix status RUN` (one run in detail).
+"""`prefix status RUN`: one run in detail (step, ETA, last checkpoint, restarts, heartbeat, goodput).
 
-Both only read: the registry for the list, the run directory itself for the details, so they work
-while the run trains, after it died, and on a copy of the runs volume.
+It only reads the run directory, so it works while the run trains, after it died, and on a copy
+of the runs volume.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any
 
-from prefix import goodput
 from prefix.errors import UserError
-from prefix.registry import STATUSES, Registry
-from prefix.runs import RunDir, read_jsonl, runs_root
+from prefix.runs import RunDir, add_runs_root, goodput, read_jsonl, runs_root
 from prefix.watchdog import read_heartbeat
 
 
@@ -26,17 +23,6 @@ def age(seconds: float | None) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f}{unit}"
     return f"{seconds:.0f}s"
-
-
-def table(rows: list[dict[str, Any]], now: float) -> str:
-    header = ("RUN", "EXPERIMENT", "STATUS", "STEP", "TARGET", "RESTARTS", "EXIT", "UPDATED")
-    lines = [header] + [(r["run"], r["experiment"] or "-", r["status"] or "-", str(r["step"] or 0),
-                         str(r["target_step"] or "-"), str(r["restarts"] or 0),
-                         "-" if r["exit_code"] is None else str(r["exit_code"]),
-                         age(now - r["updated"]) + " ago" if r["updated"] else "-") for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-                     for line in lines)
 
 
 def details(run_dir: RunDir, now: float) -> dict[str, Any]:
@@ -76,32 +62,13 @@ def describe(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def runs_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="prefix runs", description="Every run under the runs root, newest first.")
-    p.add_argument("--runs-root", help="folder of run directories (default: $PREFIX_RUNS_ROOT, else ./runs)")
-    p.add_argument("--experiment", help="only runs of this experiment")
-    p.add_argument("--status", choices=STATUSES, help="only runs with this status")
-    p.add_argument("--reindex", action="store_true", help="rebuild the registry from the run directories first")
-    p.add_argument("--json", action="store_true", help="one JSON object per run instead of a table")
-    args = p.parse_args(argv)
-    registry = Registry(runs_root(args.runs_root))
-    if args.reindex:
-        print(f"reindexed {registry.reindex()} runs from {registry.root}", file=sys.stderr)
-    rows = registry.runs(args.experiment, args.status)
-    print("\n".join(json.dumps(r) for r in rows) if args.json else table(rows, time.time()))
-    return 0
-
-
-def status_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="prefix status", description="One run: step, ETA, checkpoint, restarts.")
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run name")
-    p.add_argument("--runs-root", help="folder of run directories (default: $PREFIX_RUNS_ROOT, else ./runs)")
+    add_runs_root(p)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = p.parse_args(argv)
-    try:
-        d = details(RunDir(runs_root(args.runs_root) / args.run), time.time())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+
+
+def run(args: argparse.Namespace) -> int:
+    d = details(RunDir(runs_root(args.runs_root) / args.run), time.time())
     print(json.dumps(d, indent=2) if args.json else describe(d))
     return 0

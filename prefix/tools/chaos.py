@@ -1,6 +1,6 @@
 """Chaos harness: kill a real 2-rank run at random moments until it completes, then prove nothing changed.
 
-`python -m prefix.chaos --kills 12` runs one config under `torchrun --standalone --nproc-per-node 2`, kills
+`prefix chaos --kills 12` runs one config under `torchrun --standalone --nproc-per-node 2`, kills
 it the ways a cluster does, restarts the same command until it exits 0, then compares it with the same
 config trained without interruption: every step's loss and the final weights must be bitwise equal.
 Kill kinds, cycled in seeded shuffled rounds so that every kind is used once there are enough kills:
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from prefix import config
 from prefix.errors import UserError
-from prefix.processes import Launch, Tail
+from prefix.tools.processes import Launch, Tail, checkout_file, train_cmd
 
 NPROC = 2
 KINDS = ("sigterm", "sigkill", "during-checkpoint", "during-eval", "during-startup")
@@ -188,12 +188,13 @@ def count_events(run_dir: Path, logs: str, prefix: str) -> int:
 def same_weights(a: Path, b: Path) -> bool:
     import torch  # only here: the harness itself needs no torch
 
-    wa, wb = (torch.load(d / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)["model"]
-              for d in (a, b))
+    from prefix.state import TrainState
+
+    wa, wb = (TrainState.load(d / "checkpoints" / "latest.pt").model for d in (a, b))
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def run(config_path: Path, kills: int, seed: int, runs_root: Path, grace: float = 10.0,
+def play(config_path: Path, kills: int, seed: int, runs_root: Path, grace: float = 10.0,
         overrides: Sequence[str] = (), baseline: Path | None = None, keep: bool = True,
         echo: Callable[[str], None] = print) -> Report:
     """Kill the run `kills` times (fewer if it finishes first), let it complete, compare with the baseline:
@@ -205,11 +206,9 @@ def run(config_path: Path, kills: int, seed: int, runs_root: Path, grace: float 
         raise UserError(f"--baseline: {baseline} holds no checkpoints/latest.pt; pass a finished run")
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run_dir, ours = runs_root / f"chaos-{stamp}", [runs_root / f"chaos-{stamp}"]
-    train = ["-m", "prefix.train", "--config", str(Path(config_path).resolve()), *overrides]
 
     def cmd(d: Path) -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}",
-                *train, "--run-name", d.name, "--runs-root", str(d.parent)]
+        return train_cmd(NPROC, d.name, d.parent, Path(config_path).resolve(), *overrides)
 
     chaos = Chaos(cmd, cfg, random.Random(seed), grace)
     plan = kill_plan(kills, [k for k in KINDS if k != "during-eval" or cfg.trainer.eval_every], chaos.rng)
@@ -242,16 +241,8 @@ def run(config_path: Path, kills: int, seed: int, runs_root: Path, grace: float 
             (d.parent / f"{d.name}.log").unlink(missing_ok=True)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, like every other user error
-        print(f"error: {message}; see `prefix chaos --help`", file=sys.stderr)
-        sys.exit(2)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="prefix chaos", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: configs/tiny.yaml)")
+def arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (default: configs/tiny.yaml of this checkout)")
     p.add_argument("--kills", type=int, default=6, help="kills to make before letting the run finish")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill kinds and moments")
     p.add_argument("--runs-root", type=Path, help="folder of the run directories (default: a temporary one)")
@@ -260,17 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the run directories")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help=f"config overrides for training, applied after the harness's {' '.join(DEFAULTS)}")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.kills < 0 or args.grace < 0:
-        p.error("--kills and --grace must be 0 or more")
+        raise UserError("--kills and --grace must be 0 or more")
+    config_path = Path(args.config) if args.config else checkout_file("configs/tiny.yaml", "--config FILE")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind, killing the run's processes
     root = args.runs_root or Path(tempfile.mkdtemp(prefix="prefix-chaos-"))
     try:
-        report = run(Path(args.config), args.kills, args.seed, root, args.grace, args.overrides,
-                     args.baseline, args.keep)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        report = play(config_path, args.kills, args.seed, root, args.grace, args.overrides, args.baseline, args.keep)
     except ChaosError as e:
         print(f"chaos: {e}", file=sys.stderr)
         return 1
@@ -282,7 +272,3 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     print(report if not args.keep else f"{report}\nkept: {report.run_dir} {report.baseline_dir}")
     return 0 if report.ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

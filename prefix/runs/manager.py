@@ -17,18 +17,13 @@ from typing import Any
 
 import yaml
 
-from prefix import environment
+from prefix.runs import environment
 from prefix.errors import UserError
-from prefix.registry import Registry, Writer
-from prefix.runs import RunDir, write_atomically
+from prefix.runs.registry import Registry, Writer
+from prefix.runs.layout import EXIT_STATUS, PREVIOUS_END, UNKNOWN_END, RunDir, check_run_name, write_atomically
 from prefix.telemetry import Metrics
 from prefix.watchdog import read_heartbeat
 
-EXIT_STATUS = {0: "completed", 143: "preempted"}
-"""Exit codes of prefix.train → registry status; any other code is `crashed`."""
-PREVIOUS_END = {"completed": "finished", "preempted": "preempted with a final checkpoint",
-                "crashed": "crashed", "running": "killed without a final checkpoint"}
-"""How a start finds the one before it ended, by the status that start left in run.json."""
 
 
 def last_step_seen(run_dir: RunDir, state: dict[str, Any]) -> int:
@@ -44,6 +39,24 @@ class RunManager:
         self.state: dict[str, Any] = {}
         self.metrics = Metrics(run_dir.metrics, enabled=main, tensorboard=tensorboard, tb_folder=run_dir.tb)
         self._writer: Writer | None = None
+
+    @classmethod
+    def open(cls, registry: Registry, experiment: str, run_name: str, resume: bool = True,
+             log: Any = None) -> RunManager:
+        """Open (resume=True) or create the run `<registry root>/<run_name>` and make its folders.
+
+        `begin()` then records the start; `prefix.train` does the same in steps, so that nothing is
+        written before every check of the start passed.
+        """
+        import structlog
+
+        run_dir = RunDir(registry.root / check_run_name(run_name))
+        run_dir.check()
+        if not resume and (run_dir.meta / "run.json").exists():
+            raise UserError(f"{run_dir.path}: the run exists; pass resume=True or choose another run name")
+        run = cls(run_dir, experiment, registry, log or structlog.get_logger())
+        run.create()
+        return run
 
     @property
     def name(self) -> str:
@@ -65,7 +78,7 @@ class RunManager:
         entry = {"time": time.time(), "start_step": start_step, "world_size": world_size,
                  "restart": len(starts), "host": socket.gethostname(), "config_changes": config_changes or {}}
         if starts:
-            entry["previous_end"] = PREVIOUS_END.get(previous.get("status"), "unknown")
+            entry["previous_end"] = PREVIOUS_END.get(previous.get("status"), UNKNOWN_END)
             entry["steps_redone"] = max(0, last_step_seen(self.dir, previous) - start_step)
         with open(self.dir.meta / "starts.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")

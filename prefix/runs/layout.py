@@ -7,6 +7,7 @@ registry indexes) and one line per start, so a run's restart history is on disk 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -16,12 +17,26 @@ from typing import Any
 
 from prefix.errors import UserError
 
+STATUSES = ("running", "preempted", "crashed", "completed")
+"""A run's status in meta/run.json and the registry."""
+EXIT_STATUS = {0: "completed", 143: "preempted"}
+"""Exit codes of prefix.train → status (143: stopped by a signal after its final checkpoint); others: crashed."""
+PREVIOUS_END = {"completed": "finished", "preempted": "preempted with a final checkpoint",
+                "crashed": "crashed", "running": "killed without a final checkpoint"}
+"""How a start finds the one before it ended, by the status that start left in run.json."""
+UNKNOWN_END = "unknown"
+
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 def runs_root(cli_value: str | None) -> Path:
     """--runs-root, else $PREFIX_RUNS_ROOT, else ./runs."""
     return Path(cli_value or os.environ.get("PREFIX_RUNS_ROOT") or "runs").expanduser()
+
+
+def add_runs_root(parser: argparse.ArgumentParser) -> None:
+    """The one definition of --runs-root, for every command that reads or writes runs."""
+    parser.add_argument("--runs-root", help="folder of run directories (default: $PREFIX_RUNS_ROOT, else ./runs)")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

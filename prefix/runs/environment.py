@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-PACKAGES = ("prefix", "torch", "numpy", "mosaicml-streaming", "tokenizers", "tiktoken", "pyarrow", "psutil",
+PACKAGES = ("prefix-train", "torch", "numpy", "mosaicml-streaming", "tokenizers", "tiktoken", "pyarrow", "psutil",
             "structlog", "pyyaml")
 
 

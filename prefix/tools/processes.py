@@ -10,12 +10,37 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
 import psutil
+
+from prefix.errors import UserError
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+"""The source checkout this package runs from (a clone, or an editable install): configs/, k8s/, runai/."""
+
+
+def train_cmd(nproc: int, run_name: str, runs_root: Path, config: Path, *overrides: str) -> list[str]:
+    """torchrun with `nproc` ranks (gloo on the CPU), or one plain `python -m prefix.train` when nproc is 0.
+
+    The one way the chaos harness, the tests and the benchmarks start training."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    entry = ["-m", "prefix.train"] if nproc else [sys.executable, "-m", "prefix.train"]
+    return [*(launcher if nproc else []), *entry, "--config", str(config), "--run-name", run_name,
+            "--runs-root", str(runs_root), *overrides]
+
+
+def checkout_file(relative: str, option: str) -> Path:
+    """A file of the checkout (a config, a manifest, the Run:ai script), found wherever the command runs."""
+    path = CHECKOUT / relative
+    if not path.is_file():
+        raise UserError(f"{relative}: not found beside this installation of prefix ({CHECKOUT}); "
+                        f"pass {option}")
+    return path
 
 
 def _gone(p: psutil.Process) -> bool:

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import yaml
 
-from prefix.chaos import ChaosError, kill_plan, losses, same_weights
-from prefix.processes import Launch, Tail
+from prefix.tools.chaos import ChaosError, kill_plan, losses, same_weights
+from prefix.tools.processes import Launch, Tail, checkout_file
 
-REPO = Path(__file__).resolve().parents[1]
 PVC_PATH = "/home/apluser/runs"  # where both the manifests and the Run:ai script mount the runs volume
 RESCHEDULES = ("same-node", "new-node", "resubmit")
 SAVED = "stopped by signal after final checkpoint"
-DEFAULT_ARGS = ["--config", str(REPO / "configs" / "tiny.yaml"), "trainer.device=cpu", "trainer.max_steps=150"]
+DEFAULT_ARGS = ["trainer.device=cpu", "trainer.max_steps=150"]
+"""With --config configs/tiny.yaml of this checkout in front, when no arguments are given."""
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Pod:
 
 def from_manifest(run_name: str, train_args: list[str]) -> Pod:
     """The single-node Job's container, rendered by k8s/render.py."""
-    rendered = subprocess.run([sys.executable, str(REPO / "k8s" / "render.py"), "job.yaml", "--run-name", run_name,
+    rendered = subprocess.run([sys.executable, str(checkout_file("k8s/render.py", "--source runai")), "job.yaml", "--run-name", run_name,
                                "--image", "local", "--gpus", "2", "--", *train_args],
                               capture_output=True, text=True, check=True).stdout
     (job,) = [d for d in yaml.safe_load_all(rendered) if d and d.get("kind") == "Job"]
@@ -60,7 +60,7 @@ def from_manifest(run_name: str, train_args: list[str]) -> Pod:
 
 def from_submit_script(run_name: str, train_args: list[str]) -> Pod:
     """The command `runai/submit_train.sh --dry-run` prints: what Run:ai would start in the pod."""
-    printed = subprocess.run([str(REPO / "runai" / "submit_train.sh"), "--dry-run", "--run-name", run_name,
+    printed = subprocess.run([str(checkout_file("runai/submit_train.sh", "--source job")), "--dry-run", "--run-name", run_name,
                               "--project", "local", "--image", "local", "--pvc", "runs", "--gpus", "2",
                               "--", *train_args], capture_output=True, text=True, check=True).stdout
     words = shlex.split(printed)
@@ -131,11 +131,12 @@ def finish(launch: Launch) -> None:
         raise ChaosError(f"a start exited {launch.proc.returncode} by itself; see {launch.log}")
 
 
-def run(preemptions: int, seed: int, root: Path, source: str = "job", train_args: list[str] | None = None,
+def play(preemptions: int, seed: int, root: Path, source: str = "job", train_args: list[str] | None = None,
         echo=print) -> Report:
     """Preempt the run `preemptions` times, let it finish, compare with an uninterrupted run."""
     began, rng, report = time.monotonic(), random.Random(seed), Report()
-    cluster = Cluster(root, source, train_args or DEFAULT_ARGS)
+    train_args = train_args or ["--config", str(checkout_file("configs/tiny.yaml", "training arguments")), *DEFAULT_ARGS]
+    cluster = Cluster(root, source, train_args)
     cache = cluster.new_node_cache()
     with cluster.start(cluster.pod("baseline"), "baseline", cache) as base:
         finish(base)
@@ -165,25 +166,21 @@ def run(preemptions: int, seed: int, root: Path, source: str = "job", train_args
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="prefix simulate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preemptions", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--source", choices=("job", "runai"), default="job",
                    help="build the command from k8s/job.yaml or from runai/submit_train.sh --dry-run")
     p.add_argument("--root", type=Path, help="folder for the volume and node caches (default: temporary)")
     p.add_argument("train_args", nargs="*", help="arguments for prefix.train (default: the tiny config on CPU)")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     root = args.root or Path(tempfile.mkdtemp(prefix="prefix-simulate-"))
     try:
-        report = run(args.preemptions, args.seed, root, args.source, args.train_args or None)
+        report = play(args.preemptions, args.seed, root, args.source, args.train_args or None)
     except ChaosError as e:
         print(f"simulate: {e}", file=sys.stderr)
         return 1
     print(report)
     return 0 if report.ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
