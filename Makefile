@@ -3,7 +3,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 export PREFIX_CACHE_DIR ?= $(CURDIR)/.cache/prefix
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test unit bench lint clean
 
 install: $(STAMP)
 
@@ -19,8 +19,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	.venv/bin/torchrun --nproc-per-node 2 -m prefix.train --config configs/demo.yaml --run-name demo
 
+# Everything CI runs: tests/unit (in-process) and tests/integration (real torchrun, signals, servers).
 test: install
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The fast subset for your own iterations: in-process, no training processes (seconds).
+unit: install
+	$(PY) -m pytest -q tests/unit
 
 # Every benchmark in bench/, ratios measured side by side (8-15 minutes on 2 cores); writes docs/benchmarks.md.
 bench: install

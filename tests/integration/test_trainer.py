@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import structlog
 import torch
+from helpers import TINY
 
 from prefix import config
 from prefix.checkpoint import Checkpointer, choose
@@ -20,7 +21,6 @@ from prefix.runs.manager import RunManager
 from prefix.state import TrainState
 from prefix.trainer import Trainer
 
-TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 QUIET = ["data.num_workers=0", "trainer.eval_every=0", "trainer.sample_tokens=0", "telemetry.progress=never",
          "telemetry.tensorboard=false", "trainer.log_every=2", "checkpoint.every_steps=0", "trainer.device=cpu"]
 

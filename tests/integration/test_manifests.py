@@ -19,8 +19,8 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 VENV_BIN = Path(sys.executable).parent
 RUNS_ROOT = "/home/apluser/runs"

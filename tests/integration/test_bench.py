@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {
     "train_vs_bare": {"prefix_tokens_per_s", "bare_streaming_tokens_per_s", "bare_preloaded_tokens_per_s",
                       "steps", "same_loss"},

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "runai" / "submit_train.sh"
 STANDIN = REPO / "tests" / "runai_standin" / "runai"
 RUNS = "/home/apluser/runs"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, RunsCode, assert_clean_exit_2, run, train_cmd
+from helpers import TINY, RunsCode, assert_clean_exit_2, assert_workers_exit_2, run, train_cmd
 
 from prefix.checkpoint import files
 
@@ -190,3 +190,9 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, finished, fr
     assert_clean_exit_2(result, fragment)
     assert contents(root) == before, "the runs folder changed"
     assert not (root / "pwned").exists()
+
+
+def test_world_dependent_error_under_torchrun_names_the_fix(tmp_path):
+    """torchrun itself exits 1 when a worker fails; the worker's own exit code is 2."""
+    result = run(train_cmd(2, "bad", tmp_path, "trainer.global_batch_size=6", "trainer.micro_batch_size=2"))
+    assert_workers_exit_2(result, "error: trainer.global_batch_size: 6 is not divisible by micro_batch_size × world size")
