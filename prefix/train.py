@@ -57,11 +57,6 @@ def train(args: argparse.Namespace) -> int:
     from prefix.telemetry import setup_logging
 
     cfg = config.load(args.config, args.overrides)
-    if args.print_config:
-        from prefix.config_doc import describe
-
-        print(describe(cfg), end="")
-        return 0
     stem = Path(args.config).stem if args.config else "default"
     name = check_run_name(args.run_name or stem)
     root = runs_root(args.runs_root)
@@ -153,6 +148,12 @@ def train(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """One start of a run (every rank): `prefix train` and `python -m prefix.train` both come here."""
+    if args.print_config:  # touches nothing: no logging set-up, no signal handlers, no process group
+        from prefix import config
+        from prefix.config_doc import describe
+
+        print(describe(config.load(args.config, args.overrides)), end="")
+        return 0
     from prefix import distributed
     from prefix.preemption import default_actions
     from prefix.telemetry import setup_logging

@@ -70,3 +70,19 @@ def test_global_batch_must_split_over_the_world():
     assert config.check_world(cfg, 1) == 3
     with pytest.raises(ConfigError, match="micro_batch_size × world size = 2 × 2"):
         config.check_world(cfg, 2)
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  max_steps: 3\n  lr: 0.1\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match=r"line 4: key 'max_steps' is given twice \(first at line 2\); keep one"):
+        config.load(path)
+
+
+def test_a_yaml_syntax_error_keeps_the_parsers_words_and_position(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  max_steps: 3\n lr: [1, 2\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    message = str(caught.value)
+    assert "line 3, column 2" in message and "expected <block end>" in message and "\n" not in message

@@ -207,3 +207,16 @@ def test_peak_flops_are_known_only_for_listed_gpus():
 
     assert peak_flops(torch.device("cpu")) is None, "no MFU on CPU: its peak is not known"
     assert PEAK_BF16_FLOPS["H100"] == 989e12
+
+
+def test_an_empty_prompt_starts_a_new_document():
+    """`prefix sample RUN` without --prompt: generation starts from end-of-document, which is not returned."""
+    from prefix.data.tokenizers import BYTES
+    from prefix.model import complete
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=257, seq_len=16, n_layer=1, n_head=2, d_model=32))
+    text = complete(model, BYTES, "", 8, seed=0, device=torch.device("cpu"))
+    again = complete(model, BYTES, "", 8, seed=0, device=torch.device("cpu"))
+    assert text == again and 0 < len(text) <= 8, "eight new tokens, each one byte, and no end-of-document"
+    assert complete(model, BYTES, "ab", 8, seed=0, device=torch.device("cpu")).startswith("ab")
