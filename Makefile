@@ -21,7 +21,7 @@ demo: install
 
 # Everything CI runs: tests/unit (in-process) and tests/integration (real torchrun, signals, servers).
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # The fast subset for your own iterations: in-process, no training processes (seconds).
 unit: install

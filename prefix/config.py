@@ -49,6 +49,20 @@ class StreamConfig:
 
 
 @dataclass
+class RopeScaling:
+    """Llama 3.1's `llama3` rotary scaling (`model.rope_scaling`): long wavelengths slowed down by
+    `factor`, short ones kept, those between interpolated. The defaults are Llama 3.1's values."""
+
+    factor: float = 8.0
+    """Wavelengths longer than original_max_position_embeddings / low_freq_factor are this much longer."""
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    """Wavelengths shorter than original_max_position_embeddings / high_freq_factor are left alone."""
+    original_max_position_embeddings: int = 8192
+    """The context the model was pre-trained with before scaling."""
+
+
+@dataclass
 class DataConfig:
     local: str | None = None
     """Folder of MDS shards (with train/ and val/ splits). Unset: the embedded default corpus."""
@@ -93,9 +107,22 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool = True
     """The output head shares the token embedding's weight; false: a separate head (most Llama models)."""
+    n_kv_head: int | None = None
+    """Key/value heads (grouped-query attention); unset: n_head; n_head must be a multiple of it."""
+    head_dim: int | None = None
+    """Width of one attention head (even, for rotary); unset: d_model / n_head."""
+    rope_scaling: RopeScaling | None = None
+    """Llama 3.1's `llama3` rotary scaling: {factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings}; unset: plain RoPE."""
+    qkv_bias: bool = False
+    """Biases on the q, k and v projections (Qwen2's, hence family qwen2 only and always there)."""
+    sliding_window: int | None = None
+    """Mistral's/Qwen2's attention window, kept for export; must be at least seq_len (it then changes nothing)."""
+    family: str = "llama"
+    """llama, mistral or qwen2: the Hugging Face architecture prefix export writes and model.init_from reads."""
     init_from: str | None = None
-    """A local Hugging Face Llama folder (config.json + *.safetensors) whose weights a fresh run starts
-    from; its shape must match the model.* keys. Ignored when the run resumes from a checkpoint."""
+    """A local Hugging Face folder of model.family (config.json + *.safetensors) whose weights a fresh run
+    starts from; its shape must match the model.* keys. Ignored when the run resumes from a checkpoint."""
 
 
 @dataclass
@@ -348,10 +375,27 @@ def validate(cfg: Config) -> None:
     _require(m.seq_len >= 2, "model.seq_len", "must be at least 2")
     _require(m.n_layer >= 1, "model.n_layer", "must be at least 1")
     _require(m.n_head >= 1, "model.n_head", "must be at least 1")
-    _require(m.d_model % m.n_head == 0, "model.d_model",
-             f"{m.d_model} is not divisible by model.n_head={m.n_head}; pick a multiple")
-    _require((m.d_model // m.n_head) % 2 == 0, "model.d_model",
+    _require(m.head_dim is not None or m.d_model % m.n_head == 0, "model.d_model",
+             f"{m.d_model} is not divisible by model.n_head={m.n_head}; pick a multiple, or set model.head_dim")
+    _require(m.head_dim is not None or (m.d_model // m.n_head) % 2 == 0, "model.d_model",
              "d_model / n_head must be even for rotary embeddings")
+    _require(m.head_dim is None or (m.head_dim >= 2 and m.head_dim % 2 == 0), "model.head_dim",
+             "must be even (rotary embeddings rotate pairs) and positive, or unset")
+    _require(m.n_kv_head is None or (m.n_kv_head >= 1 and m.n_head % m.n_kv_head == 0), "model.n_kv_head",
+             f"must divide model.n_head={m.n_head} (each key/value head serves n_head / n_kv_head heads), or be unset")
+    if (r := m.rope_scaling) is not None:
+        _require(r.factor >= 1 and 0 < r.low_freq_factor < r.high_freq_factor
+                 and r.original_max_position_embeddings >= 1, "model.rope_scaling",
+                 "needs factor >= 1, 0 < low_freq_factor < high_freq_factor and "
+                 "original_max_position_embeddings >= 1 (Llama 3.1: 8, 1, 4, 8192)")
+    _require(m.family in ("llama", "mistral", "qwen2"), "model.family", "must be llama, mistral or qwen2")
+    _require(m.qkv_bias == (m.family == "qwen2"), "model.qkv_bias",
+             "must be true for family qwen2 and false for llama and mistral (their q/k/v projections have no bias)")
+    _require(m.sliding_window is None or m.family in ("mistral", "qwen2"), "model.sliding_window",
+             "applies to family mistral or qwen2 only; unset it")
+    _require(m.sliding_window is None or m.sliding_window >= m.seq_len, "model.sliding_window",
+             f"{m.sliding_window} is shorter than model.seq_len={m.seq_len} and prefix has no windowed attention; "
+             "lower model.seq_len to it at most")
     _require(m.mlp_hidden is None or m.mlp_hidden >= 1, "model.mlp_hidden", "must be positive or unset")
     _require(m.rope_theta > 0, "model.rope_theta", "must be positive")
     _require(t.max_steps >= 1, "trainer.max_steps", "must be at least 1")

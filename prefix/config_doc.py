@@ -54,7 +54,8 @@ def describe(cfg: config.Config) -> str:
         values = getattr(cfg, section)
         for field in dataclasses.fields(cls):
             value = getattr(values, field.name)
-            plain = [dataclasses.asdict(v) for v in value] if field.name == "streams" else value
+            plain = ([dataclasses.asdict(v) for v in value] if field.name == "streams"
+                     else dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
             doc = docs.get((cls.__name__, field.name))
             lines.append(f"  {_key(field.name)}: {_value(plain)}" + (f"  # {doc}" if doc else ""))
     return "\n".join(lines) + "\n"

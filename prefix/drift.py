@@ -15,12 +15,15 @@ from prefix.errors import UserError
 PROTECTED = (
     "run.seed",
     "model.vocab_size", "model.seq_len", "model.n_layer", "model.n_head", "model.d_model", "model.mlp_hidden",
-    "model.rope_theta", "model.norm_eps", "model.tie_embeddings",
+    "model.rope_theta", "model.norm_eps", "model.tie_embeddings", "model.n_kv_head", "model.head_dim",
+    "model.rope_scaling", "model.qkv_bias",
     "data.local", "data.remote", "data.streams", "data.train_split", "data.shuffle", "data.shuffle_seed", "data.shuffle_algo",
     "data.num_canonical_nodes", "data.shuffle_block_size",
     "trainer.global_batch_size", "trainer.optimizer",
 )
-"""Model shape and tokenizer, dataset and its order, seed, global batch, optimizer kind."""
+"""Model shape and tokenizer, dataset and its order, seed, global batch, optimizer kind. model.family and
+model.sliding_window are free: the family fixes qkv_bias (protected) and otherwise only names the export's
+architecture, and a window is never shorter than seq_len, so neither changes what the weights compute."""
 
 
 class ConfigDrift(UserError):

@@ -4,8 +4,10 @@ Written to be read top to bottom (in the spirit of nanoGPT). Parameter names are
 checkpoint format, so keep them stable: `tok_emb.weight`, `blocks.{i}.attn.qkv.weight`,
 `blocks.{i}.attn.proj.weight`, `blocks.{i}.mlp.{gate,up,down}.weight`, `blocks.{i}.{attn,mlp}_norm.weight`,
 `norm.weight` and `head.weight` (the same tensor as `tok_emb.weight` unless `model.tie_embeddings` is
-false). It is a Llama without grouped-query attention: prefix.hf converts it to and from Hugging Face's
-`LlamaForCausalLM` (docs/interop.md).
+false), plus `blocks.{i}.attn.qkv.bias` with `model.qkv_bias`. The options that cover the open families
+(grouped-query attention, a free head_dim, Llama 3.1's rope scaling, Qwen2's q/k/v biases) change nothing
+when unset, so older checkpoints load as they are. prefix.hf converts it to and from Hugging Face's
+`LlamaForCausalLM`, `MistralForCausalLM` and `Qwen2ForCausalLM` (docs/interop.md).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from prefix.config import ModelConfig
+from prefix.config import ModelConfig, RopeScaling
 
 
 def mlp_width(cfg: ModelConfig) -> int:
@@ -27,9 +29,33 @@ def mlp_width(cfg: ModelConfig) -> int:
     return 64 * -(-8 * cfg.d_model // 192)  # exact integer ceil(8·d/3 / 64) · 64
 
 
-def rope_cache(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def head_dim(cfg: ModelConfig) -> int:
+    return cfg.head_dim or cfg.d_model // cfg.n_head
+
+
+def kv_heads(cfg: ModelConfig) -> int:
+    return cfg.n_kv_head or cfg.n_head
+
+
+def llama3_scaled(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's rope scaling (transformers' rope_type "llama3"), which stretches the context the model
+    was trained with: a frequency whose wavelength is longer than original_max / low_freq_factor turns
+    `factor` times slower, one shorter than original_max / high_freq_factor stays, and those between
+    blend the two linearly in original_max / wavelength, so the table has no jump."""
+    wavelen = 2 * math.pi / inv_freq
+    ctx = s.original_max_position_embeddings
+    blend = (ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    between = (1 - blend) * inv_freq / s.factor + blend * inv_freq
+    slowed = torch.where(wavelen > ctx / s.low_freq_factor, inv_freq / s.factor, between)
+    return torch.where(wavelen < ctx / s.high_freq_factor, inv_freq, slowed)
+
+
+def rope_cache(head_dim: int, seq_len: int, theta: float,
+               scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [seq_len, head_dim] in float32, halves duplicated (the "rotate half" layout)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is not None:
+        inv_freq = llama3_scaled(inv_freq, scaling)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().float(), angles.sin().float()
@@ -43,21 +69,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal attention; RoPE on q and k, the fused SDPA kernel for the rest."""
+    """Causal attention with grouped-query heads: n_head query heads share n_kv_head key/value heads
+    (equal counts: plain multi-head). RoPE on q and k, the fused SDPA kernel for the rest. One Linear
+    computes q, k and v: its output rows are [q; k; v], each head-major."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, kv_heads(cfg), head_dim(cfg)
+        self.widths = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim)
+        self.qkv = nn.Linear(cfg.d_model, sum(self.widths), bias=cfg.qkv_bias)
+        self.proj = nn.Linear(self.widths[0], cfg.d_model, bias=False)
         self.proj.residual_out = True  # scaled init: see GPT._init_weights
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        B, T, _ = x.shape
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.qkv(x).split(self.widths, dim=-1))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        if k.size(1) != q.size(1) and q.is_cuda and q.dtype == torch.float32:
+            # Only flash attention takes grouped k/v as they are, and only in half precision; in float32
+            # SDPA would fall back to its slow math kernel, so give it full-size k/v instead.
+            k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.widths[0]))
 
 
 class SwiGLU(nn.Module):
@@ -106,14 +139,14 @@ class GPT(nn.Module):
         # state, so the state_dict (the checkpoint format) is the same with it on or off.
         self.activation_checkpointing = False
         # Derived from the config, so recomputed rather than stored in checkpoints.
-        cos, sin = rope_cache(cfg.d_model // cfg.n_head, cfg.seq_len, cfg.rope_theta)
+        cos, sin = rope_cache(head_dim(cfg), cfg.seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)  # fixed module order → same seed, same weights
 
     def _init_weights(self, module: nn.Module) -> None:
         """N(0, init_std); residual output projections shrunk by 1/sqrt(2·n_layer) (GPT-2) so the
-        residual stream's variance does not grow with depth. RMSNorm keeps its default ones."""
+        residual stream's variance does not grow with depth. RMSNorm keeps its default ones, biases start at 0."""
         std = self.cfg.init_std
         if module is self.head and self.cfg.tie_embeddings:
             return  # its weight is the embedding, initialised once there
@@ -121,6 +154,8 @@ class GPT(nn.Module):
             if getattr(module, "residual_out", False):
                 std /= math.sqrt(2 * self.cfg.n_layer)
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
@@ -181,10 +216,11 @@ class GPT(nn.Module):
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token, PaLM appendix B (as nanoGPT): 6·N + 12·L·H·Q·T, where 6·N covers the
-        weight matmuls forward and backward and 12·L·H·Q·T the attention scores and values (H·Q = d_model,
-        T = seq_len). Recomputation by activation checkpointing is not counted: MFU, not HFU."""
+        weight matmuls forward and backward and 12·L·H·Q·T the attention scores and values (H query heads
+        of width Q, d_model by default; grouped k/v change N, not this term; T = seq_len). Recomputation
+        by activation checkpointing is not counted: MFU, not HFU."""
         c = self.cfg
-        return 6 * self.num_params() + 12 * c.n_layer * c.d_model * c.seq_len
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * head_dim(c) * c.seq_len
 
 
 def complete(model: GPT, tokenizer, prompt: str, tokens: int, seed: int, device: torch.device,

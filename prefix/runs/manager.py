@@ -17,13 +17,19 @@ from typing import Any
 
 import yaml
 
-from prefix.runs import environment
 from prefix.errors import UserError
+from prefix.runs import environment
+from prefix.runs.layout import (
+    EXIT_STATUS,
+    PREVIOUS_END,
+    UNKNOWN_END,
+    RunDir,
+    check_run_name,
+    write_atomically,
+)
 from prefix.runs.registry import Registry, Writer
-from prefix.runs.layout import EXIT_STATUS, PREVIOUS_END, UNKNOWN_END, RunDir, check_run_name, write_atomically
 from prefix.telemetry import Metrics
 from prefix.watchdog import read_heartbeat
-
 
 
 def last_step_seen(run_dir: RunDir, state: dict[str, Any]) -> int:

@@ -15,8 +15,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from prefix.runs.layout import STATUSES
-
 DB_NAME = "registry.sqlite"
 FIELDS = ("run", "experiment", "path", "status", "created", "updated", "step", "target_step", "restarts",
           "exit_code")

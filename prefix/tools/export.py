@@ -1,7 +1,8 @@
-"""`prefix export RUN --out DIR`: a run's checkpoint as a Hugging Face Llama folder (prefix.hf converts).
+"""`prefix export RUN --out DIR`: a run's checkpoint as a Hugging Face folder (prefix.hf converts).
 
-The folder holds `model.safetensors`, a `config.json` for `LlamaForCausalLM`, prefix's copy of the
-run's tokenizer (`tokenizer/`) and, where transformers can use it, `tokenizer.json`. It is written
+The folder holds `model.safetensors`, a `config.json` for the run's `model.family` (`LlamaForCausalLM`,
+`MistralForCausalLM` or `Qwen2ForCausalLM`), prefix's copy of the run's tokenizer (`tokenizer/`) and,
+where transformers can use it, `tokenizer.json`. It is written
 under a temporary name and renamed into place, so an interrupted export never looks finished.
 See docs/interop.md.
 """
@@ -52,7 +53,7 @@ def write_tokenizer(folder: Path, tokenizer, seq_len: int) -> list[str]:
     else:  # tiktoken: transformers has no loader for a rank file
         return [f"{tokenizers.COPY}/"]
     # model_input_names: PreTrainedTokenizerFast's default also returns token_type_ids, which
-    # LlamaForCausalLM does not take (`model.generate(**tok(text, return_tensors="pt"))` would fail).
+    # the *ForCausalLM models do not take (`model.generate(**tok(text, return_tensors="pt"))` would fail).
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "model_max_length": seq_len,
          "model_input_names": ["input_ids", "attention_mask"], "clean_up_tokenization_spaces": False},
@@ -61,7 +62,7 @@ def write_tokenizer(folder: Path, tokenizer, seq_len: int) -> list[str]:
 
 
 def export(run_dir, out: Path, which: str = "latest", force: bool = False) -> str:
-    """Write the checkpoint as a LlamaForCausalLM folder at `out`; returns a one-line summary."""
+    """Write the checkpoint as a Hugging Face folder of its model.family at `out`; returns a one-line summary."""
     from safetensors.torch import save_file
 
     from prefix.data import tokenizers

@@ -14,7 +14,8 @@ from typing import Any
 
 from prefix.errors import UserError
 from prefix.runs import add_runs_root, runs_root
-from prefix.runs.registry import STATUSES, Registry
+from prefix.runs.layout import STATUSES
+from prefix.runs.registry import Registry
 from prefix.tools.status import age
 
 
