@@ -114,6 +114,8 @@ def train(args: argparse.Namespace) -> int:
             restarts = run.begin(start_step, cfg.trainer.max_steps, world.world_size, cfg.to_dict(), changes)
             if tokenizer is not None:
                 tokenizers.save_copy(run_dir.meta, tokenizer)  # for prefix sample
+            for message, numbers in train.cropped:
+                log.warning(message, **numbers)
             log.info("starting", run=str(run_dir.path), world_size=world.world_size, accum=accum,
                      restarts=restarts, device=str(world.device), config_changes=changes or None)
             hf.log_init(log, init, cfg.model, start_step)

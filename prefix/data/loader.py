@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import structlog
 import torch
 
 from prefix.config import Config, parse_size
@@ -127,21 +126,21 @@ def _dataset(cfg: Config, sources: list[Source], split: str, shuffle: bool,
     return ds, widths
 
 
-def _warn_cropped(widths: list[tuple[str, int]], seq_len: int) -> None:
-    """Samples wider than seq_len + 1 are cropped: legitimate (a curriculum), but say what it costs, once.
+def cropped(widths: list[tuple[str, int]], seq_len: int) -> list[tuple[str, dict[str, int]]]:
+    """Samples wider than seq_len + 1 are cropped: legitimate (a curriculum), but say what it costs.
 
-    Logged by rank 0 when the training stream is built: the run's first console lines.
+    The warnings (message, fields) are logged once by rank 0 when the run starts (prefix.train).
     """
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
-    log = structlog.get_logger().bind(rank=0)
+    found = []
     for key, width in widths:
         if width > seq_len + 1:
             used, dropped = seq_len + 1, width - seq_len - 1
-            log.warning(f"{key}: samples hold {width} token ids but model.seq_len={seq_len} trains on the first "
-                        f"{used} of each and drops {dropped} ({dropped / width:.0%} of the data); set "
-                        f"model.seq_len={width - 1} to use them all, or prepare the data again with "
-                        f"--seq-len {seq_len}", sample_tokens=width, used_tokens=used, dropped_tokens=dropped)
+            found.append((f"{key}: samples hold {width} token ids but model.seq_len={seq_len} trains on the first "
+                          f"{used} of each and drops {dropped} ({dropped / width:.0%} of the data); set "
+                          f"model.seq_len={width - 1} to use them all, or prepare the data again with "
+                          f"--seq-len {seq_len}", {"sample_tokens": width, "used_tokens": used,
+                                                   "dropped_tokens": dropped}))
+    return found
 
 
 @dataclass
@@ -195,7 +194,7 @@ class TrainStream:
         self.versions = [s.version for s in sources]
         self.dataset, widths = _dataset(cfg, sources, cfg.data.train_split, cfg.data.shuffle,
                                         cfg.data.num_workers)
-        _warn_cropped(widths, self.seq_len)
+        self.cropped = cropped(widths, self.seq_len)
         self.loader = StreamingDataLoader(
             self.dataset, batch_size=cfg.trainer.micro_batch_size, num_workers=cfg.data.num_workers,
             worker_init_fn=_ignore_stop_signals if cfg.data.num_workers else None,

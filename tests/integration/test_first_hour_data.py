@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, run, train_cmd
+from helpers import REPO, read_jsonl, run, train_cmd
 
 from prefix.data.prepare import prepare
 from prefix.errors import UserError
@@ -62,6 +62,8 @@ def test_a_model_seq_len_shorter_than_the_samples_warns_once_with_the_numbers(wi
     assert ("data.local: samples hold 129 token ids but model.seq_len=64 trains on the first 65 of each and "
             "drops 64") in warnings[0]
     assert "model.seq_len=128" in warnings[0] and "--seq-len 64" in warnings[0]
+    logged = [e for e in read_jsonl(tmp_path / "cropped" / "logs" / "rank0.jsonl") if CROP in e["event"]]
+    assert [(e["sample_tokens"], e["used_tokens"], e["dropped_tokens"]) for e in logged] == [(129, 65, 64)]
 
 
 @pytest.mark.parametrize("data", ["prepared with the model's seq_len", "default corpus"])
