@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     """One start of a run (every rank): `prefix train` and `python -m prefix.train` both come here."""
     if args.print_config:  # touches nothing: no logging set-up, no signal handlers, no process group
         from prefix import config
-        from prefix.config_doc import describe
+        from prefix.config.doc import describe
 
         print(describe(config.load(args.config, args.overrides)), end="")
         return 0

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefix import config, config_doc, drift, hf
+from prefix import config, drift, hf
 from prefix.config import ConfigError, ModelConfig
+from prefix.config import doc as config_doc
 from prefix.errors import UserError
 from prefix.model import GPT, llama3_scaled
 

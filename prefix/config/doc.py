@@ -1,6 +1,6 @@
 """`prefix train --print-config`: the resolved config as YAML, every key with its one-line doc.
 
-The docs are the attribute docstrings under each field in config.py, read from its source, so the
+The docs are the attribute docstrings under each field in config/sections.py, read from its source, so the
 printed file and the code can never disagree. The output loads back as a config file.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from prefix import config
+from prefix.config import sections
 
 SENTENCE = re.compile(r"(?<!e\.g)(?<!i\.e)\. ")
 """The end of a sentence, not of an abbreviation."""
@@ -25,7 +26,7 @@ SENTENCE = re.compile(r"(?<!e\.g)(?<!i\.e)\. ")
 def field_docs() -> dict[tuple[str, str], str]:
     """(class name, field) → the first sentence of the string literal that follows the field."""
     docs: dict[tuple[str, str], str] = {}
-    for cls in ast.parse(inspect.getsource(config)).body:
+    for cls in ast.parse(inspect.getsource(sections)).body:
         if not isinstance(cls, ast.ClassDef):
             continue
         for field, doc in zip(cls.body, cls.body[1:], strict=False):
