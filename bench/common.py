@@ -156,21 +156,25 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def plain_save(config: Path, overrides: Sequence[str], folder: Path, repeats: int) -> dict[str, object]:
+def plain_save(config: Path, overrides: Sequence[str], folder: Path, repeats: int,
+               device: str = "cpu") -> dict[str, object]:
     """A bare loop's checkpoint: torch.save of {model, optimizer} state dicts of the same GPT and AdamW (one
     update made, so the moments exist) to `folder`; seconds per save, without and with an fsync after it, and
-    of one SHA-256 of the file's bytes."""
+    of one SHA-256 of the file's bytes. On `device` the tensors stay where training keeps them (fused AdamW
+    on CUDA), so a GPU save includes its copy to the host."""
     import torch
 
     from prefix import config as configuration
     from prefix.model import GPT
 
     cfg = configuration.load(config, [*overrides])
-    model = GPT(cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr)
+    model = GPT(cfg.model).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, fused=True if device == "cuda" else None)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     path, save_s, fsync_s = folder / "plain.pt", [], []
     for _ in range(repeats):
@@ -188,6 +192,7 @@ def plain_save(config: Path, overrides: Sequence[str], folder: Path, repeats: in
     begin = time.perf_counter()
     hashlib.sha256(data).hexdigest()  # what the daemon adds to every file it writes (its manifest's checksum)
     return {"save_s": save_s, "save_fsync_s": fsync_s, "sha256_s": time.perf_counter() - begin, "bytes": size,
+            "device": device,
             "params": model.num_params()}
 
 
