@@ -89,7 +89,8 @@ class CausalSelfAttention(nn.Module):
             # Only flash attention takes grouped k/v as they are, and only in half precision; in float32
             # SDPA would fall back to its slow math kernel, so give it full-size k/v instead.
             k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+        grouped = {"enable_gqa": True} if k.size(1) != q.size(1) else {}  # plain heads: the call as it always was
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **grouped)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.widths[0]))
 
 

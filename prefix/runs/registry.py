@@ -12,6 +12,7 @@ import json
 import queue
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,20 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS runs (
 
 def _connect(path: Path, timeout_s: float) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=timeout_s, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")  # readers never block the writers of other runs
+    # WAL: readers never block the writers of other runs. The mode is stored in the file, so only the
+    # first connection changes it; that change needs the database to itself and answers "locked" at once,
+    # without SQLite's busy wait, when another run is connecting too (seen when two runs create it): retry.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                db.close()
+                raise
+            time.sleep(0.01)
     db.execute(_SCHEMA)
     return db
 
