@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from prefix.runs import read_jsonl  # noqa: F401 (the tests import it from here)
 from prefix.state import TrainState
 from prefix.tools import processes
 from prefix.tools.processes import ProcessTree
@@ -98,6 +98,15 @@ def assert_workers_exit_2(result: subprocess.CompletedProcess, fragment: str) ->
     assert any(fragment in line for line in result.stderr.splitlines() if line.startswith("error:")), result.stderr
     tracebacks = result.stderr.count("Traceback")
     assert tracebacks == result.stderr.count("ChildFailedError:"), result.stderr[-5000:]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every line of a run's .jsonl file. Stricter than `prefix.runs.read_jsonl`, which skips any line that
+    does not parse: here only a line torn by a kill (no closing brace) is skipped, and any other line
+    that is not JSON fails the test, as the metrics contract says it must never be written."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
