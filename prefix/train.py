@@ -65,9 +65,8 @@ def train(args: argparse.Namespace) -> int:
     world = distributed.init(cfg.trainer.device)
     accum = config.check_world(cfg, world.world_size)
     log = setup_logging(world.rank)  # console only: nothing is written before every check passed
-    experiment = args.experiment or run_dir.state().get("experiment") or stem  # a restart keeps the first label
-    run = RunManager(run_dir, experiment, Registry(root) if world.is_main else None, log,
-                     main=world.is_main, tensorboard=cfg.telemetry.tensorboard)
+    run = RunManager(run_dir, args.experiment or stem, Registry(root) if world.is_main else None, log,
+                     main=world.is_main, tensorboard=cfg.telemetry.tensorboard, relabel=args.experiment is not None)
 
     checkpointer = Checkpointer(run_dir.checkpoints, world, cfg.checkpoint)
     choice, findings = checkpointer.find()

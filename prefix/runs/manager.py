@@ -40,8 +40,10 @@ def last_step_seen(run_dir: RunDir, state: dict[str, Any]) -> int:
 
 class RunManager:
     def __init__(self, run_dir: RunDir, experiment: str, registry: Registry | None, log: Any,
-                 main: bool = True, tensorboard: bool = False):
+                 main: bool = True, tensorboard: bool = False, relabel: bool = True):
+        """`experiment` labels a new run; a run that exists keeps its first label unless `relabel`."""
         self.dir, self.experiment, self.registry, self.log, self.main = run_dir, experiment, registry, log, main
+        self.relabel = relabel
         self.state: dict[str, Any] = {}
         self.metrics = Metrics(run_dir.metrics, enabled=main, tensorboard=tensorboard, tb_folder=run_dir.tb)
         self._writer: Writer | None = None
@@ -92,6 +94,8 @@ class RunManager:
         self.log_metadata(environment.snapshot(world_size), "environment")
         self.log_metadata(environment.code_version(), "code")
         now = time.time()
+        if not self.relabel:  # a resubmission from another config path is still the same experiment
+            self.experiment = previous.get("experiment") or self.experiment
         self.state = {"experiment": self.experiment, "run": self.name, "status": "running",
                       "created": previous.get("created", now), "updated": now, "step": start_step,
                       "target_step": target_step, "restarts": len(starts), "exit_code": None}
