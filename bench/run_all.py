@@ -26,7 +26,8 @@ from pathlib import Path
 
 import common
 
-SCRIPTS = ("train_vs_bare", "checkpoint_stall", "sigterm_exit", "resume_latency", "startup", "data_throughput")
+SCRIPTS = ("train_vs_bare", "checkpoint_stall", "sigterm_exit", "resume_latency", "startup", "data_throughput",
+           "fsdp")
 DOCS = common.REPO / "docs" / "benchmarks.md"
 KEEP = "<!-- hand-written -->"
 

@@ -21,6 +21,7 @@ COMMANDS = {"train": ("prefix.train", "train a model, resuming the run if it exi
             "status": ("prefix.tools.status", "one run: step, target, ETA, last checkpoint, restarts, heartbeat"),
             "report": ("prefix.tools.report", "one run's loss and throughput figures with restarts marked"),
             "sample": ("prefix.tools.sample", "generate text from a run's latest checkpoint or an exported folder"),
+            "plan": ("prefix.tools.plan", "per-rank GPU memory of a config: does it fit, and what to change if not"),
             "export": ("prefix.tools.export", "write a run's checkpoint as a Hugging Face Llama folder"),
             "data": ("prefix.data.commands", "prepare datasets from text or token files, train tokenizers"),
             "chaos": ("prefix.tools.chaos", "kill a 2-rank run at random until it completes; compare with an "

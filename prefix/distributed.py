@@ -64,8 +64,11 @@ def _env_int(name: str, default: int) -> int:
                         "so unset it or launch with torchrun") from None
 
 
-def init(device_preference: str = "auto", timeout_s: float = 600) -> World:
-    """Read torchrun's environment and join the process group (nccl on CUDA, gloo otherwise)."""
+def init(device_preference: str = "auto", timeout_s: float = 600, always_group: bool = False) -> World:
+    """Read torchrun's environment and join the process group (nccl on CUDA, gloo otherwise).
+
+    always_group: create one even for a single process (FSDP's device mesh needs it); without
+    torchrun's rendezvous it is a group of one over an in-memory store."""
     rank, world_size, local_rank = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
     local_world = _env_int("LOCAL_WORLD_SIZE", world_size)
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
@@ -78,9 +81,10 @@ def init(device_preference: str = "auto", timeout_s: float = 600) -> World:
         # gradient all-reduce cannot run on MPS tensors (pytorch/pytorch#160732).
         raise UserError(f"trainer.device: mps runs one process, not {world_size}; launch without torchrun "
                         "(or --nproc-per-node 1), or use trainer.device=cpu for several ranks")
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or always_group) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"  # gloo: CPU (and MPS laptops, one process)
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        alone = {} if world_size > 1 or not missing else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **alone)
     if device.type == "cpu":  # share the cores among the ranks of this machine
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return World(rank, local_rank, world_size, local_world, device)

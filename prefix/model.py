@@ -124,8 +124,23 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _fill(param: torch.Tensor, make) -> None:
+    """Give `param` the values of `make(full shape)`: all of them, or this rank's slice of a sharded one."""
+    if param.is_meta:
+        return
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = make(param.shape)
+    if isinstance(param, DTensor):  # slice locally (src_data_rank=None: no communication)
+        full = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(full.to_local())
+    else:
+        param.copy_(full)
+
+
 class GPT(nn.Module):
-    """Decoder-only language model. Seed torch before constructing it: init draws from the global RNG."""
+    """Decoder-only language model. Seed torch before constructing it: the initial weights follow
+    `torch.initial_seed()` (see `init_weights`)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -143,22 +158,32 @@ class GPT(nn.Module):
         cos, sin = rope_cache(head_dim(cfg), cfg.seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)  # fixed module order → same seed, same weights
+        self.init_weights(torch.initial_seed())
 
-    def _init_weights(self, module: nn.Module) -> None:
-        """N(0, init_std); residual output projections shrunk by 1/sqrt(2·n_layer) (GPT-2) so the
-        residual stream's variance does not grow with depth. RMSNorm keeps its default ones, biases start at 0."""
-        std = self.cfg.init_std
-        if module is self.head and self.cfg.tie_embeddings:
-            return  # its weight is the embedding, initialised once there
-        if isinstance(module, nn.Linear):
-            if getattr(module, "residual_out", False):
-                std /= math.sqrt(2 * self.cfg.n_layer)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """N(0, init_std) from a generator of its own, drawn on the CPU one full tensor at a time in a fixed
+        order, so a model on any device, whole or sharded over ranks (FSDP: each rank keeps its slice of
+        each drawn tensor), starts from the same weights. Residual output projections are shrunk by
+        1/sqrt(2·n_layer) (GPT-2) so the residual stream's variance does not grow with depth; RMSNorm
+        gains start at 1, biases at 0. Weights on the meta device are left for `to_empty` + a second call."""
+        g = torch.Generator().manual_seed(seed)
+        for module in self.modules():
+            if module is self.head and self.cfg.tie_embeddings:
+                continue  # its weight is the embedding, initialised once there
+            std = self.cfg.init_std / (math.sqrt(2 * self.cfg.n_layer) if getattr(module, "residual_out", False) else 1)
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                _fill(module.weight, lambda shape, std=std: torch.empty(shape).normal_(0.0, std, generator=g))
+                if getattr(module, "bias", None) is not None:
+                    _fill(module.bias, torch.zeros)
+            elif isinstance(module, nn.RMSNorm):
+                _fill(module.weight, torch.ones)
+
+    def init_buffers(self) -> None:
+        """The RoPE tables, derived from the config (recomputed after `to_empty` on a model built on meta)."""
+        cos, sin = rope_cache(head_dim(self.cfg), self.cfg.seq_len, self.cfg.rope_theta, self.cfg.rope_scaling)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None

@@ -33,11 +33,15 @@ class TrainState:
     """Updates skipped for a non-finite loss, over the whole run."""
     format_version: int | None = None
     """Stamped by the checkpointer when the file is written."""
+    sharded: str | None = None
+    """trainer.parallelism=fsdp: the folder (in checkpoints/) of the sharded model and optimizer, which
+    `model` and `optimizer` (None in the file) then come from; stamped by the checkpointer."""
 
     def to_dict(self) -> dict[str, Any]:
-        """What the checkpointer saves (`format_version` is its to stamp)."""
+        """What the checkpointer saves (`format_version` and `sharded` are its to stamp)."""
         state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         state.pop("format_version")
+        state.pop("sharded")
         return state
 
     @classmethod
@@ -104,4 +108,25 @@ def read_verified(folder: Path, which: str = "latest") -> tuple[TrainState, str]
     if state.format_version not in (None, FORMAT_VERSION):
         raise UserError(f"{path}: written in checkpoint format {state.format_version}; this prefix "
                         f"reads format {FORMAT_VERSION}")
+    if state.sharded:
+        state = dataclasses.replace(state, model=whole_model(path.parent / state.sharded, state.model_config()))
     return state, path.name
+
+
+def whole_model(folder: Path, model_config) -> dict[str, Any]:
+    """The model's weights, whole, from a sharded checkpoint's folder, read in this one process (for
+    export, sample and comparisons; the optimizer's state stays on disk)."""
+    import torch
+
+    from prefix.checkpoint import sharded
+    from prefix.model import GPT
+
+    with torch.device("meta"):
+        shapes = GPT(model_config).state_dict()
+    target = {"model": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items()}}
+    try:
+        sharded.read(folder, target)
+    except Exception as e:  # noqa: BLE001 (DCP raises CheckpointException, pickle and OS errors)
+        raise UserError(f"{folder}: the sharded checkpoint does not load ({str(e).splitlines()[0][:200]}); "
+                        "read latest (verified), or restore the folder") from None
+    return target["model"]

@@ -62,13 +62,18 @@ def train(args: argparse.Namespace) -> int:
     root = runs_root(args.runs_root)
     run_dir = RunDir(root / name)
     run_dir.check()
-    world = distributed.init(cfg.trainer.device)
+    fsdp = cfg.trainer.parallelism == "fsdp"
+    world = distributed.init(cfg.trainer.device, always_group=fsdp)  # FSDP's mesh needs a group, even of one
     accum = config.check_world(cfg, world.world_size)
+    if world.device.type in ("cuda", "cpu"):  # refuse what cannot fit before any data or checkpoint is read
+        from prefix import memory
+
+        memory.check_fits(cfg, world.world_size, *memory.available(world), device=world.device.type)
     log = setup_logging(world.rank)  # console only: nothing is written before every check passed
     run = RunManager(run_dir, args.experiment or stem, Registry(root) if world.is_main else None, log,
                      main=world.is_main, tensorboard=cfg.telemetry.tensorboard, relabel=args.experiment is not None)
 
-    checkpointer = Checkpointer(run_dir.checkpoints, world, cfg.checkpoint)
+    checkpointer = Checkpointer(run_dir.checkpoints, world, cfg.checkpoint, sharded_saves=fsdp)
     choice, findings = checkpointer.find()
     saved, rank_state = checkpointer.load(choice) if choice else (None, None)
     state = TrainState.from_dict(saved) if saved is not None else None
@@ -95,7 +100,12 @@ def train(args: argparse.Namespace) -> int:
         drift.check_data_versions(state.dataloader.get("versions"), [s.version for s in sources], start_step,
                                   args.allow_config_change)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = GPT(cfg.model).to(world.device)
+    if fsdp:
+        from prefix import sharding
+
+        model = sharding.build(cfg, world)  # sharded from the start: never whole on any rank
+    else:
+        model = GPT(cfg.model).to(world.device)
     if init is not None:
         init.load_into(model)  # before any step; the init draws above keep every RNG stream the same
     seed_everything(cfg.run.seed + world.rank)  # then one RNG stream per rank

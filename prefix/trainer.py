@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from functools import partial
 from typing import Any
 
 import torch
 
-from prefix import distributed
+from prefix import distributed, sharding
 from prefix.checkpoint import Checkpointer, SaveResult, rng_state
 from prefix.checkpoint.interval import AutoInterval
 from prefix.checkpoint.policy import Boundary, Save
@@ -51,7 +51,9 @@ class Trainer:
         model.activation_checkpointing = t.activation_checkpointing
         self.amp_dtype = autocast_dtype(t.precision, world.device)
         self.compiled = wants_compile(t.compile, world.device)
-        self.model = wrap(model, world, self.compiled)
+        # FSDP: `model` came sharded (and its blocks compiled) from sharding.build; it is its own wrapper.
+        self.sharded = sharding.is_sharded(model)
+        self.model = model if self.sharded else wrap(model, world, self.compiled)
         self.optimizer = build_optimizer(model, t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, t=t))
         self.train, self.val, self.tokenizer = train, val, tokenizer
@@ -77,6 +79,7 @@ class Trainer:
         self.interval: AutoInterval | None = None  # with checkpoint.every_seconds: auto
         if world.is_main:
             log.info("fast path", device=str(world.device), precision="bf16" if self.amp_dtype else "fp32",
+                     parallelism=t.parallelism,
                      compile=self.compiled, fused_adamw=bool(self.optimizer.param_groups[0].get("fused")),
                      activation_checkpointing=t.activation_checkpointing)
 
@@ -85,25 +88,45 @@ class Trainer:
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """What the checkpointer writes: a TrainState as plain data (called when a save takes its snapshot)."""
+        """What the checkpointer writes: a TrainState as plain data (called when a save takes its snapshot).
+        Sharded, the model and optimizer go to the checkpoint's DCP folder instead (`shards`)."""
+        whole = not self.sharded
         return TrainState(
-            model=self.raw.state_dict(), optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            model=self.raw.state_dict() if whole else None, optimizer=self.optimizer.state_dict() if whole else None,
+            scheduler=self.scheduler.state_dict(),
             step=self.step, tokens_seen=self.tokens_seen, config=self.cfg.to_dict(),
             dataloader=self.train.state_dict(), skipped_steps=self.skipped_steps).to_dict()
 
+    def shards(self) -> dict[str, Any] | None:
+        """The sharded model and optimizer state (FSDP), or None when the global file holds them."""
+        return sharding.state(self.raw, self.optimizer) if self.sharded else None
+
     def load_state_dict(self, state: TrainState) -> None:
-        try:
-            self.raw.load_state_dict(state.model)
-        except RuntimeError as e:
-            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-            raise TrainingFailed(f"model: the checkpoint's weights do not fit this model ({first}); "
-                                 "restore the model.* values or start a new --run-name") from None
+        if bool(state.sharded) != self.sharded:
+            kinds = ("ddp", "fsdp") if self.sharded else ("fsdp", "ddp")
+            raise TrainingFailed(f"trainer.parallelism: the checkpoint of step {state.step} was written with "
+                                 f"{kinds[0]} and this start asks for {kinds[1]}; restore trainer.parallelism="
+                                 f"{kinds[0]}, or `prefix export` the run and start a new one from it with "
+                                 "model.init_from")
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         # torch places AdamW's `step` counts by the saved groups' `fused` flag (on the GPU when fused, else
         # as saved); load them as this run steps, so a CPU checkpoint resumes fused on a GPU and back.
-        fused, saved = configured[0].get("fused"), state.optimizer
-        saved = {**saved, "param_groups": [{**g, "fused": fused} for g in saved["param_groups"]]}
-        self.optimizer.load_state_dict(saved)
+        fused = configured[0].get("fused")
+        if self.sharded:
+            shards = sharding.state(self.raw, self.optimizer)
+            self.checkpointer.read_shards(state.sharded, shards)  # DCP: resharded if the world size changed
+            shards["optimizer"]["param_groups"] = [{**g, "fused": fused} for g in shards["optimizer"]["param_groups"]]
+            sharding.load(self.raw, self.optimizer, shards)
+        else:
+            try:
+                self.raw.load_state_dict(state.model)
+            except RuntimeError as e:
+                first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+                raise TrainingFailed(f"model: the checkpoint's weights do not fit this model ({first}); "
+                                     "restore the model.* values or start a new --run-name") from None
+            saved = state.optimizer
+            self.optimizer.load_state_dict(
+                {**saved, "param_groups": [{**g, "fused": fused} for g in saved["param_groups"]]})
         self.scheduler.load_state_dict(state.scheduler)
         # The config's hyperparameters win over the checkpoint's, so an accepted change (lr, betas,
         # weight decay, schedule) takes effect; with an unchanged config this recomputes the same lr.
@@ -127,11 +150,12 @@ class Trainer:
                           seconds=round(time.monotonic() - began, 3))
             if ck.committed_step == self.step:
                 return
+        shards = self.shards if self.sharded else None
         if plan.background:
-            ck.start(self.step, self.state_dict, {"rng": rng_state()})
+            ck.start(self.step, self.state_dict, {"rng": rng_state()}, shards)
             self.log.debug("checkpoint write started", step=self.step)
         else:
-            self.report(ck.save(self.step, self.state_dict, {"rng": rng_state()}, plan.final), plan.final)
+            self.report(ck.save(self.step, self.state_dict, {"rng": rng_state()}, plan.final, shards), plan.final)
 
     def conclude(self) -> None:
         """Record and commit the write in flight (collective; waits for this rank's writer)."""
@@ -213,20 +237,22 @@ class Trainer:
                 if t.eval_every and self.val and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     with self.ledger.spend("eval"):
                         self.evaluate()
-                if t.sample_every and self.step % t.sample_every == 0 and self.world.is_main and self.tokenizer:
+                if t.sample_every and self.step % t.sample_every == 0 and self.samples_here:
                     with self.ledger.spend("eval"):
                         for prompt in t.sample_prompts or [t.sample_prompt]:
-                            self.run.log_metrics("samples", self.step, {"prompt": prompt, "text": self.generate(
-                                prompt, t.sample_tokens)})
+                            text = self.generate(prompt, t.sample_tokens)
+                            if self.world.is_main:
+                                self.run.log_metrics("samples", self.step, {"prompt": prompt, "text": text})
         self.watchdog.stop()  # the sample below is no step; a hang after this is torchrun's to handle
         self.progress.close()
         self.log.info("training finished", step=self.step, tokens_seen=self.tokens_seen)
         if t.sample_tokens and self.world.is_main and self.tokenizer is None:
             self.log.warning("no sample: the dataset does not say which tokenizer made it")
-        elif t.sample_tokens and self.world.is_main:
+        elif t.sample_tokens and self.samples_here:
             text = self.generate(t.sample_prompt, t.sample_tokens)
-            self.log.debug("sample", text=text)  # JSON log only; people get it verbatim below
-            print(f"--- sample from the trained model ---\n{text}\n---", flush=True)
+            if self.world.is_main:
+                self.log.debug("sample", text=text)  # JSON log only; people get it verbatim below
+                print(f"--- sample from the trained model ---\n{text}\n---", flush=True)
         return 0
 
     def train_step(self) -> torch.Tensor:
@@ -236,7 +262,7 @@ class Trainer:
             batch = self.train.next()
             self.data_wait += self.clock() - waited
             last = micro == self.accum - 1
-            with nullcontext() if last or not self.world.distributed else self.model.no_sync():
+            with sharding.gradient_sync(self.model, last):
                 with self.autocast():
                     _, loss = self.model(batch.inputs.to(device, non_blocking=True),
                                          batch.targets.to(device, non_blocking=True))
@@ -245,7 +271,7 @@ class Trainer:
             if self.samples:
                 indices += batch.index.tolist()
         clip = self.cfg.trainer.grad_clip or float("inf")
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), clip)
+        self.grad_norm = sharding.clip_gradients(self.raw, clip)
         if self.finite(loss_sum):
             self.checkpointer.before_update()  # an asynchronous save copies the state until here
             self.optimizer.step()
@@ -318,6 +344,12 @@ class Trainer:
             extra["val_bpb"] = val_loss / math.log(2)
         self.run.log_metrics("eval", self.step, {"val_loss": val_loss, **extra})
         self.log.info("eval", step=self.step, val_loss=round(val_loss, 4), **{k: round(v, 4) for k, v in extra.items()})
+
+    @property
+    def samples_here(self) -> bool:
+        """Whether this rank generates the samples: rank 0, or every rank when sharded (each forward of a
+        sharded model is a collective: rank 0 alone would wait for the others until the timeout)."""
+        return self.tokenizer is not None and (self.world.is_main or self.sharded)
 
     def generate(self, prompt: str, tokens: int) -> str:
         return complete(self.raw, self.tokenizer, prompt, tokens, self.cfg.run.seed, self.world.device)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from prefix.state import TrainState
+from prefix.state import TrainState, read_verified
 from prefix.tools import processes
 from prefix.tools.processes import ProcessTree
 
@@ -115,7 +115,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def checkpoint(run_dir: Path, name: str = "latest.pt") -> TrainState:
-    return TrainState.load(run_dir / "checkpoints" / name)
+    """The checkpoint file, unverified; a sharded one's weights read whole from its folder."""
+    return read_verified(run_dir / "checkpoints", str(run_dir / "checkpoints" / name))[0]
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

@@ -21,6 +21,7 @@ while a write is in flight leaves only temporary files: the previous step stays 
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from prefix import distributed
-from prefix.checkpoint import files
+from prefix.checkpoint import files, sharded
 from prefix.checkpoint.files import FORMAT_VERSION, FileSum, global_name, rank_name, tmp
 from prefix.checkpoint.resume import Finding, Resume, choose
 from prefix.checkpoint.snapshot import Snapshot
@@ -87,7 +88,7 @@ def _describe(error: OSError) -> str:
 class Checkpointer:
     """Saves and restores the run's checkpoints; the trainer hands it plain state dicts."""
 
-    def __init__(self, folder: Path, world: World, cfg: CheckpointConfig):
+    def __init__(self, folder: Path, world: World, cfg: CheckpointConfig, sharded_saves: bool = False):
         self.folder = folder
         self.world = world
         self.cfg = cfg
@@ -102,6 +103,14 @@ class Checkpointer:
         self._snapshot = Snapshot()
         self._write: _Write | None = None  # the asynchronous write in flight
         self._retired: list[Path] = []  # second names of the files the save in progress replaces
+        self._shards: str | None = None  # the sharded folder the save in progress writes
+        # A sharded save in the writer thread runs DCP's collectives while the step loop runs its own:
+        # on a gloo group of their own, or the two would interleave on one group (a collective mismatch).
+        self._group = None
+        if sharded_saves:
+            import torch.distributed as dist
+
+            self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
     # -- resume -------------------------------------------------------------------------
     def find(self) -> tuple[Resume | None, list[Finding]]:
@@ -120,6 +129,10 @@ class Checkpointer:
         self._slot_rank = mine
         return state, rank_state
 
+    def read_shards(self, name: str, state: dict[str, Any]) -> None:
+        """Collective: fill `state` (the sharded model and optimizer) from the checkpoint's folder `name`."""
+        sharded.read(self.folder / name, state)
+
     def resume_point(self) -> str:
         """What a restart would resume from now, for messages."""
         if self.committed_step is None:
@@ -133,6 +146,7 @@ class Checkpointer:
             for path in self.folder.glob("*.tmp"):
                 path.unlink(missing_ok=True)
             files.remove_in_background(list(self.folder.glob(f"{files.RETIRED}*")))
+            self._remove_unlisted()
 
     # -- save ---------------------------------------------------------------------------
     def seconds_due(self) -> bool:
@@ -143,15 +157,16 @@ class Checkpointer:
         return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
 
     def save(self, step: int, global_state: Callable[[], dict[str, Any]], rank_state: dict[str, Any],
-             final: bool = False) -> SaveResult:
+             final: bool = False, shards: Callable[[], dict[str, Any]] | None = None) -> SaveResult:
         """Collective and synchronous: write, record, commit. A disk error on any rank fails it on all.
 
         `final`: the process exits next; the files this save replaced are freed by the next start,
-        not on the way out."""
+        not on the way out. `shards`: the sharded model and optimizer state, written with DCP."""
         start = time.monotonic()
         sums, error = None, None
+        self._name_shards(step, shards)
         try:
-            sums = self.write(step, global_state, rank_state)
+            sums = self.write(step, global_state, rank_state, shards() if shards else None)
         except OSError as e:
             error = _describe(e)
         written = time.monotonic()
@@ -159,16 +174,19 @@ class Checkpointer:
         verdict = self._conclude(step, sums, error, free_replaced=not final)
         return SaveResult(step, time.monotonic() - start, written - start, _size(sums), False, verdict)
 
-    def start(self, step: int, global_state: Callable[[], dict[str, Any]], rank_state: dict[str, Any]) -> None:
+    def start(self, step: int, global_state: Callable[[], dict[str, Any]], rank_state: dict[str, Any],
+              shards: Callable[[], dict[str, Any]] | None = None) -> None:
         """Snapshot the state and write it in the background; `finish` must follow before another save."""
         assert self._write is None, "finish() the write in flight first"
         begin = time.monotonic()
         snapshot = self._snapshot
-        copy = snapshot.take({"rank": rank_state, "global": global_state() if self.world.is_main else None})
+        self._name_shards(step, shards)
+        copy = snapshot.take({"rank": rank_state, "global": global_state() if self.world.is_main else None,
+                              "shards": shards() if shards else None})
 
         def work() -> dict[str, FileSum]:
             snapshot.fill()
-            return self.write(step, lambda: copy["global"], copy["rank"])
+            return self.write(step, lambda: copy["global"], copy["rank"], copy["shards"])
 
         self._last_save_time = begin
         self._write = _Write(step, work)
@@ -233,18 +251,29 @@ class Checkpointer:
         self._retired = []
         return verdict
 
+    def _name_shards(self, step: int, shards: Callable[[], dict[str, Any]] | None) -> None:
+        """Every rank's name for this save's fresh sharded folder (rank 0 draws the token)."""
+        self._shards = None if shards is None else distributed.broadcast(
+            self.world, sharded.folder_name(step, secrets.token_hex(4)))
+
     def write(self, step: int, global_state: Callable[[], dict[str, Any]],
-              rank_state: dict[str, Any]) -> dict[str, FileSum]:
-        """Phase 1: this rank's files under temporary names; their checksums by role."""
+              rank_state: dict[str, Any], shards: dict[str, Any] | None = None) -> dict[str, FileSum]:
+        """Phase 1: this rank's files under temporary names (and its shards in a fresh folder, collectively);
+        their checksums by role."""
         self.folder.mkdir(parents=True, exist_ok=True)
         r, stamp = self.world.rank, {"step": step, "format_version": FORMAT_VERSION}
+        sums, folder = {}, {}
+        if shards is not None:
+            assert self._shards is not None, "_name_shards() first"
+            folder = {"sharded": self._shards}  # named in the global file only
+            sums = sharded.write(self.folder / self._shards, shards, r, self._group)
         published = [rank_name(slot, r) for slot in files.SLOTS] + (
             [global_name(slot) for slot in files.SLOTS] if self.world.is_main else [])
         self._retired = files.second_names(self.folder / name for name in published)
         mine = {**rank_state, **stamp, "rank": r}
-        sums = {f"rank{r}": files.write_durably(mine, tmp(self.folder / rank_name("latest", r)))}
+        sums[f"rank{r}"] = files.write_durably(mine, tmp(self.folder / rank_name("latest", r)))
         if self.world.is_main:
-            shared = {**global_state(), **stamp, "world_size": self.world.world_size}
+            shared = {**global_state(), **stamp, **folder, "world_size": self.world.world_size}
             sums["global"] = files.write_durably(shared, tmp(self.folder / global_name("latest")))
         return sums
 
@@ -267,7 +296,16 @@ class Checkpointer:
         keep = {step} | ({self._previous_step} if self.cfg.keep_previous else set())
         if self.world.is_main:
             files.prune_manifests(self.folder, {s for s in keep if s is not None})
+            self._remove_unlisted()
         self._manifest = None
+        self._shards = None
+
+    def _remove_unlisted(self) -> None:
+        """Rank 0: sharded folders that no manifest lists any more, removed off the step loop."""
+        manifests, _ = files.read_manifests(self.folder)
+        gone = sharded.unlisted(self.folder, [m.files for m in manifests])
+        if gone:
+            threading.Thread(target=sharded.remove, args=(gone,), name="checkpoint-cleanup", daemon=True).start()
 
     def discard(self) -> None:
         """A failed save: remove what it wrote, so the space is free and nothing refers to it."""
@@ -279,6 +317,9 @@ class Checkpointer:
         if self._manifest is not None:
             self._manifest.unlink(missing_ok=True)
             self._manifest = None
+        if self._shards is not None and self.world.is_main:
+            sharded.remove([self.folder / self._shards])
+        self._shards = None
 
     def _publish(self, latest: str, prev: str, committed_slot: str | None) -> str:
         """Rename `latest.tmp` to `latest`, keeping the last committed file as `prev`."""

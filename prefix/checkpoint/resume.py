@@ -2,7 +2,9 @@
 
 A file is usable when it loads with `weights_only=True` (a pickle that would run code is refused),
 was written in this format version, and its SHA-256 is the one a manifest of its step recorded.
-The choice is the newest step whose global file and every needed rank file are usable.
+A sharded checkpoint's global file is usable only with its whole folder: every file the manifest
+lists for it present with that checksum, and its `.metadata` readable without running code
+(`sharded.problem`). The choice is the newest step whose global file and every needed rank file are usable.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import torch
 
+from prefix.checkpoint import sharded
 from prefix.checkpoint.files import FORMAT_VERSION, SLOTS, file_sum, global_name, rank_name, read_manifests
 from prefix.errors import UserError
 
@@ -85,7 +88,10 @@ class _Inspector:
             if version != FORMAT_VERSION:
                 reason = f"written in checkpoint format {version}; this prefix reads format {FORMAT_VERSION}"
             elif listed:
-                return step, listed[0].world_size
+                shards = state.get("sharded")  # the folder of a sharded checkpoint: verified whole, or unusable
+                reason = shards and sharded.problem(self.folder, shards, sharded.listed(listed[0].files, shards))
+                if not reason:
+                    return step, listed[0].world_size
             elif same_step:
                 reason = f"damaged: its SHA-256 does not match {same_step[0].name}"
             else:

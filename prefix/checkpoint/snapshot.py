@@ -11,7 +11,8 @@ the loop (the pipelined snapshot of CheckFreq, Mohan et al., FAST '21):
   later kernels that update them are queued behind the copies; `fill` waits for them;
 - tensors on other devices (mps) are copied at `take`.
 Non-tensor values (step, scheduler, loader position, config) are deep-copied at `take`.
-Tensors that share memory (tied embeddings) share one buffer, so the file holds them once.
+Tensors that share memory (tied embeddings) share one buffer, so the file holds them once. A sharded
+tensor (DTensor) is copied as its local shard, rewrapped with its place in the whole.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class Snapshot:
@@ -64,6 +66,10 @@ class Snapshot:
 
     def _copy(self, value: Any, path: str, seen: dict[tuple, torch.Tensor]) -> Any:
         """`seen`: this take's buffers by the memory they copy."""
+        if isinstance(value, DTensor):  # a shard (FSDP): copy this rank's part, keep where it sits in the whole
+            local = self._tensor(value.to_local().detach(), path, seen)
+            return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False,
+                                      shape=value.shape, stride=value.stride())
         if isinstance(value, torch.Tensor):
             return self._tensor(value.detach(), path, seen)
         if isinstance(value, dict):

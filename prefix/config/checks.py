@@ -72,6 +72,9 @@ def validate(cfg: Config) -> None:
     _require(t.eval_every >= 0, "trainer.eval_every", "must be 0 (off) or positive")
     _require(t.eval_batches >= 1, "trainer.eval_batches", "must be at least 1")
     _require(t.device in ("auto", "cpu", "cuda", "mps"), "trainer.device", "must be auto, cpu, cuda or mps")
+    _require(t.parallelism in ("ddp", "fsdp"), "trainer.parallelism", "must be ddp or fsdp")
+    _require(t.parallelism == "ddp" or t.device != "mps", "trainer.parallelism",
+             "fsdp needs cpu or cuda devices (mps runs one process); use trainer.parallelism=ddp")
     _require(t.precision in ("auto", "bf16", "fp32"), "trainer.precision", "must be auto, bf16 or fp32")
     _require(isinstance(t.compile, bool) or t.compile == "auto", "trainer.compile", "must be auto, true or false")
     _require(t.sample_tokens >= 0, "trainer.sample_tokens", "must be 0 (off) or positive")
@@ -117,12 +120,12 @@ def validate(cfg: Config) -> None:
 
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3,
-          "t": 1024**4, "tb": 1024**4}
+          "t": 1024**4, "tb": 1024**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
 
 def parse_size(text: str | int) -> int | None:
-    """Bytes in a size like 50gb, 512mb or 1000 (streaming's notation: powers of 1024), else None."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?b?)\s*", str(text).lower())
+    """Bytes in a size like 50gb, 512mb, 80GiB or 1000 (streaming's notation: powers of 1024, any case), else None."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*", str(text).lower())
     return int(float(match[1]) * _UNITS[match[2]]) if match and match[2] in _UNITS else None
 
 

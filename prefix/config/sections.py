@@ -141,6 +141,9 @@ class TrainerConfig:
     """auto (bf16 autocast on CUDA, fp32 elsewhere), bf16 (autocast; master weights stay fp32) or fp32."""
     compile: bool | str = "auto"
     """torch.compile the model for training: auto (on CUDA only), true or false; checkpoints are the same."""
+    parallelism: str = "ddp"
+    """ddp (every rank holds the whole model) or fsdp (FSDP2: weights, gradients and optimizer state
+    sharded over the ranks, sharded checkpoints; for models that do not fit one GPU, docs/scale.md)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass: less memory, about a third more compute."""
     sample_tokens: int = 0

@@ -188,9 +188,9 @@ def count_events(run_dir: Path, logs: str, prefix: str) -> int:
 def same_weights(a: Path, b: Path) -> bool:
     import torch  # only here: the harness itself needs no torch
 
-    from prefix.state import TrainState
+    from prefix.state import read_verified
 
-    wa, wb = (TrainState.load(d / "checkpoints" / "latest.pt").model for d in (a, b))
+    wa, wb = (read_verified(d / "checkpoints", str(d / "checkpoints" / "latest.pt"))[0].model for d in (a, b))
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

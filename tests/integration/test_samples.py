@@ -41,17 +41,23 @@ def samples_by_step(run_dir: Path) -> dict[int, list[int]]:
     return seen
 
 
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_resume_with_other_world_size_sees_each_sample_once(dataset, tmp_path, before, after):
+def test_resume_with_other_world_size_sees_each_sample_once(dataset, tmp_path, before, after, parallelism):
+    """Under fsdp DCP reshards the checkpoint for the new world size (1 rank: a process group of one)."""
     run_dir, total = tmp_path / "r", STEPS_PER_EPOCH + 10
-    first = Launch(train_cmd(before, "r", tmp_path, *settings(dataset, total)), tmp_path / "log1")
+    chosen = (*settings(dataset, total), f"trainer.parallelism={parallelism}")
+    first = Launch(train_cmd(before, "r", tmp_path, *chosen), tmp_path / "log1")
     first.wait_for_step(run_dir, random.randint(10, 60))
     first.sigterm()
     first.wait()
     stopped_at = max(losses(run_dir))
     assert 0 < stopped_at < STEPS_PER_EPOCH
-    second = Launch(train_cmd(after, "r", tmp_path, *settings(dataset, total)), tmp_path / "log2")
+    second = Launch(train_cmd(after, "r", tmp_path, *chosen), tmp_path / "log2")
     assert second.wait() == 0, (tmp_path / "log2").read_text()[-3000:]
+    loss = losses(run_dir)
+    assert abs(loss[stopped_at + 1] - loss[stopped_at]) < 0.5 < loss[1] - loss[stopped_at + 1], \
+        "the loss goes on from where it stopped: the resharded weights and optimizer were loaded"
 
     seen = samples_by_step(run_dir)
     assert sorted(seen) == list(range(1, total + 1))
