@@ -15,8 +15,8 @@ renaming plus one layout change (`mapping`, the only place that knows the names)
   this layout, and an HF folder already has it);
 - `tie_word_embeddings` is `model.tie_embeddings`: a tied export has no `lm_head.weight`.
 
-`prefix export RUN --out DIR` (prefix/tools/export.py) writes a checkpoint as such a folder; `model.init_from: DIR`
-starts a fresh run from one; `prefix sample DIR` samples from one. prefix never downloads: folders are local.
+`prefix export RUN --out DIR` (prefix/tools/export.py) writes a checkpoint as such a folder; prefix.pretrained
+reads one (`model.init_from: DIR`, `prefix sample DIR`). prefix never downloads: folders are local.
 See docs/interop.md.
 """
 
@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,34 +93,6 @@ def to_hf(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Ten
         parts = state[name].split(rows, dim=0) if rows else (state[name],)
         for hf_name, part in zip(hf_names, parts, strict=True):
             out[hf_name] = part.detach().to("cpu").clone().contiguous()
-    return out
-
-
-def from_hf(tensors: dict[str, torch.Tensor], m: ModelConfig, shapes: dict[str, torch.Size],
-            where: str) -> dict[str, torch.Tensor]:
-    """HF tensors → a prefix state dict in float32, checked against the model's `shapes`."""
-    out, used = {}, set()
-    for name, hf_names, rows in mapping(m):
-        parts = []
-        for j, hf_name in enumerate(hf_names):
-            want = (rows[j], *shapes[name][1:]) if rows else tuple(shapes[name])
-            if hf_name not in tensors:
-                raise InteropError(f"{where}: the weights lack {hf_name}; export the complete model "
-                                   "(save_pretrained with safe_serialization=True)")
-            if tuple(tensors[hf_name].shape) != want:
-                raise InteropError(f"{where}: {hf_name} has shape {list(tensors[hf_name].shape)}, config.json "
-                                   f"implies {list(want)}; fix config.json or the weights")
-            parts.append(tensors[hf_name].float())
-            used.add(hf_name)
-        out[name] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-    if m.tie_embeddings:
-        out["head.weight"] = out["tok_emb.weight"]
-        used.add("lm_head.weight")  # some tied saves keep a copy; transformers ignores it too
-    extra = sorted(n for n in tensors if n not in used and not n.endswith(IGNORED))
-    if extra:
-        raise InteropError(f"{where}: holds tensors a prefix GPT has no place for ({', '.join(extra[:3])}"
-                           f"{', …' if len(extra) > 3 else ''}); only the weights of a plain "
-                           f"{FAMILIES[m.family][0]} can be imported")
     return out
 
 
@@ -256,116 +226,3 @@ def read_config(folder: Path, key: str = "") -> dict[str, Any]:
     if not isinstance(hf, dict):
         raise InteropError(f"{at}/{CONFIG}: not a JSON object; re-save the model with save_pretrained")
     return shape_of(hf, f"{at}/{CONFIG}")
-
-
-def weight_files(folder: Path, at: str) -> list[Path]:
-    """model.safetensors, or the shards model.safetensors.index.json names."""
-    index = folder / INDEX
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise InteropError(f"{at}/{INDEX}: has no readable weight_map; re-save the model") from None
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise InteropError(f"{at}: {INDEX} names {missing[0]}, which is missing; copy every shard")
-        return [folder / n for n in names]
-    if (folder / WEIGHTS).is_file():
-        return [folder / WEIGHTS]
-    other = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pth")]
-    hint = f" ({other[0]} is a pickle, which prefix does not load)" if other else ""
-    raise InteropError(f"{at}: has no {WEIGHTS} or {INDEX}{hint}; save the model with "
-                       "save_pretrained(..., safe_serialization=True)")
-
-
-def read_weights(folder: Path, at: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    for path in weight_files(folder, at):
-        try:
-            tensors.update(load_file(str(path)))
-        except (SafetensorError, OSError) as e:
-            raise InteropError(f"{at}: {path.name} is not a readable safetensors file ({e}); "
-                               "copy it again or re-save the model") from None
-    return tensors
-
-
-def load_weights(model: torch.nn.Module, folder: Path, at: str) -> None:
-    """Copy a folder's weights into `model` (a prefix GPT of the same shape)."""
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    state = from_hf(read_weights(folder, at), model.cfg, shapes, at)
-    model.load_state_dict(state)
-
-
-def load_model(folder: Path):
-    """A prefix GPT (float32, CPU) built from an exported or Hugging Face folder. Its context is the
-    folder's max_position_embeddings, or a shorter sliding window (Mistral 7B v0.1's 4096): generating,
-    it then conditions on the last `window` tokens, which is what that model itself can see."""
-    from prefix.model import GPT
-
-    shape = read_config(folder)
-    if shape["sliding_window"] is not None:
-        shape["seq_len"] = min(shape["seq_len"], shape["sliding_window"])
-    model = GPT(model_config(shape))
-    load_weights(model, folder, str(folder))
-    return model.eval()
-
-
-def is_model_folder(path: Path) -> bool:
-    return (path / CONFIG).is_file()
-
-
-def load_tokenizer(folder: Path):
-    """prefix's copy of the run's tokenizer (tokenizer/), else the folder's tokenizer.json."""
-    from prefix.data import tokenizers
-
-    tok = tokenizers.from_dataset(folder / tokenizers.COPY)
-    if tok is None and (folder / tokenizers.HF_FILE).is_file():
-        tok = tokenizers.load(str(folder))
-    if tok is None:
-        raise UserError(f"{folder}: no tokenizer ({tokenizers.COPY}/manifest.json or tokenizer.json); export a run "
-                        "whose data records its tokenizer, or copy the model's tokenizer.json there")
-    return tok
-
-
-# -- model.init_from ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class InitFrom:
-    """A checked `model.init_from` folder: its config.json matches the model.* keys."""
-
-    folder: Path
-    shape: dict[str, Any]
-
-    def load_into(self, model: torch.nn.Module) -> None:
-        load_weights(model, self.folder, f"model.init_from: {self.folder}")
-
-
-def check_init_from(m: ModelConfig) -> InitFrom:
-    """Before anything is written: the folder is a model prefix can hold, with the configured shape.
-
-    The model.* keys are not derived from the folder: they must match it, so the run's config.yaml
-    and its checkpoints describe the model on their own (a resume never needs the folder).
-    """
-    folder = Path(m.init_from).expanduser()
-    shape = read_config(folder, "model.init_from")
-    weight_files(folder, f"model.init_from: {folder}")
-    mine = {k: v for k, v in model_shape(m).items() if k != "seq_len"}  # seq_len is free: no learned positions
-    wrong = [k for k, v in mine.items() if not (v == shape[k] or isinstance(v, float)
-                                                 and math.isclose(v, shape[k], rel_tol=1e-9))]
-    if wrong:
-        theirs = " ".join(f"model.{k}={json.dumps(shape[k])}" for k in wrong)
-        ours = ", ".join(f"{k}={json.dumps(mine[k])}" for k in wrong)
-        raise InteropError(f"model.init_from: {folder}/{CONFIG} describes another model than the config "
-                           f"({ours}); set {theirs}")
-    return InitFrom(folder, shape)
-
-
-def log_init(log: Any, init: InitFrom | None, m: ModelConfig, start_step: int) -> None:
-    if init is not None:
-        log.info("initialised from a Hugging Face folder", init_from=str(init.folder),
-                 max_position_embeddings=init.shape["seq_len"], seq_len=m.seq_len)
-    elif m.init_from and start_step:
-        log.info("model.init_from ignored: resuming from the checkpoint", step=start_step, init_from=m.init_from)

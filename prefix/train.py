@@ -46,7 +46,7 @@ def seed_everything(seed: int) -> None:
 def train(args: argparse.Namespace) -> int:
     import torch
 
-    from prefix import config, distributed, drift, hf
+    from prefix import config, distributed, drift, pretrained
     from prefix.checkpoint import Checkpointer, log_findings, set_rng_state
     from prefix.preemption import Preemption
     from prefix.runs import RunDir, check_run_name, runs_root
@@ -83,7 +83,7 @@ def train(args: argparse.Namespace) -> int:
         log.info(drift.finished(start_step, cfg.trainer.max_steps, changes), step=start_step,
                  max_steps=cfg.trainer.max_steps, config_changes=changes or None)
         return 0
-    init = hf.check_init_from(cfg.model) if cfg.model.init_from and state is None else None  # fresh start
+    init = pretrained.check_init_from(cfg.model) if cfg.model.init_from and state is None else None  # fresh start
 
     # Imported here: streaming and the model are not needed to decide "already finished".
     from prefix.data import streams, tokenizers
@@ -127,7 +127,7 @@ def train(args: argparse.Namespace) -> int:
                 log.warning(message, **numbers)
             log.info("starting", run=str(run_dir.path), world_size=world.world_size, accum=accum,
                      restarts=restarts, device=str(world.device), config_changes=changes or None)
-            hf.log_init(log, init, cfg.model, start_step)
+            pretrained.log_init(log, init, cfg.model, start_step)
         trainer = Trainer(cfg, world, model, train, val, tokenizer, checkpointer, Preemption(), run, log)
         if state is not None:
             trainer.load_state_dict(state)

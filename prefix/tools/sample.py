@@ -53,12 +53,12 @@ def arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from prefix import hf
+    from prefix import pretrained
     from prefix.model import complete
 
     folder = Path(args.run).expanduser()
-    if hf.is_model_folder(folder):
-        tokenizer, model = hf.load_tokenizer(folder), hf.load_model(folder)
+    if pretrained.is_model_folder(folder):
+        tokenizer, model = pretrained.load_tokenizer(folder), pretrained.load_model(folder)
         print(f"model folder {folder}", file=sys.stderr)
         text = complete(model, tokenizer, args.prompt, args.tokens, args.seed, torch.device("cpu"),
                         args.temperature, args.top_k)

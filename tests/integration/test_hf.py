@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import Launch, assert_clean_exit_2, assert_same_weights, checkpoint, losses, run, train_cmd
 
-from prefix import config, hf
+from prefix import config, hf, pretrained
 from prefix.config import ModelConfig
 from prefix.data.tokenizers import BYTES
 from prefix.model import GPT
@@ -94,7 +94,7 @@ def test_prefix_weights_give_transformers_the_same_logits(tie, tmp_path):
     (tmp_path / hf.CONFIG).write_text(json.dumps(hf.hf_config(m, eos_id=256)))
     with torch.no_grad():
         assert max_diff(model(TOKENS)[0], hf_logits(tmp_path)) < TOL
-        back = hf.load_model(tmp_path)
+        back = pretrained.load_model(tmp_path)
         assert torch.equal(back(TOKENS)[0], model(TOKENS)[0])
 
 
@@ -102,7 +102,7 @@ def test_a_sharded_transformers_llama_loads_with_the_same_logits(tmp_path):
     llama = random_llama(tie_word_embeddings=True)
     llama.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / hf.INDEX).is_file() and len(list(tmp_path.glob("*.safetensors"))) > 1
-    model = hf.load_model(tmp_path)
+    model = pretrained.load_model(tmp_path)
     assert model.cfg.tie_embeddings and model.cfg.mlp_hidden == 100 and model.cfg.norm_eps == 1e-6
     with torch.no_grad():
         assert max_diff(model(TOKENS)[0], llama(TOKENS).logits) < TOL
@@ -162,7 +162,7 @@ def test_export_imports_back_with_the_same_logits(trained, exported, tmp_path):
     saved = checkpoint(trained / "tiny")
     expected = prefix_logits(saved.model, saved.config)
     with torch.no_grad():
-        assert torch.equal(hf.load_model(exported)(TOKENS)[0], expected), "the loader is exact"
+        assert torch.equal(pretrained.load_model(exported)(TOKENS)[0], expected), "the loader is exact"
 
     # A real start from the folder. One step at lr 1e-12 moves no float32 weight visibly, so the
     # checkpoint it leaves holds the weights training started from.

@@ -10,71 +10,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from families import (
+    FAMILIES,
+    LLAMA3_SCALING,
+    SHAPE,
+    TOKENS,
+    TOL,
+    hf_model,
+    model_keys,
+    randomise_vectors,
+    transformers,
+)
 
-from prefix import config, drift, hf
+from prefix import config, drift, hf, pretrained
 from prefix.config import ConfigError, ModelConfig
 from prefix.config import doc as config_doc
 from prefix.errors import UserError
 from prefix.model import GPT, llama3_scaled
-
-TOL = 1e-4
-"""Max abs logit difference allowed between prefix and transformers (float32, CPU)."""
-TOKENS = torch.randint(0, 257, (2, 64), generator=torch.Generator().manual_seed(5))
-SHAPE = dict(vocab_size=257, hidden_size=64, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=64, initializer_range=0.08)  # larger logits show mistakes better
-LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=48)
-"""Llama 3.1's factors around a 48-token original context, so that the 8 frequencies of a 16-wide head
-fall in every regime: kept (wavelength < 12), blended, slowed by the factor (wavelength > 48)."""
-
-FAMILIES = {
-    # family: (transformers config class and its settings, the matching model.* keys)
-    "llama3": ("LlamaConfig",
-               dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling={"rope_type": "llama3", **LLAMA3_SCALING},
-                    tie_word_embeddings=False, rms_norm_eps=1e-5),
-               dict(family="llama", n_kv_head=2, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
-                    tie_embeddings=False)),
-    "mistral": ("MistralConfig",
-                dict(num_key_value_heads=1, head_dim=32, sliding_window=64, tie_word_embeddings=False,
-                     rms_norm_eps=1e-5),
-                dict(family="mistral", n_kv_head=1, head_dim=32, sliding_window=64, tie_embeddings=False)),
-    "qwen2": ("Qwen2Config",
-              dict(num_key_value_heads=2, head_dim=24, rope_theta=1000000.0, tie_word_embeddings=True,
-                   rms_norm_eps=1e-5),
-              dict(family="qwen2", n_kv_head=2, head_dim=24, qkv_bias=True, rope_theta=1000000.0,
-                   tie_embeddings=True)),
-}
-
-
-def transformers():
-    import transformers as tf
-
-    tf.logging.set_verbosity_error()
-    return tf
-
-
-def model_keys(family: str, **more) -> ModelConfig:
-    """The model.* keys of FAMILIES[family], read and validated as a config file would be."""
-    keys = dict(vocab_size=257, seq_len=64, n_layer=2, n_head=4, d_model=64, mlp_hidden=100, **FAMILIES[family][2])
-    return config.from_dict({"model": {**keys, **more}}).model
-
-
-def randomise_vectors(model: torch.nn.Module, seed: int) -> None:
-    """Norm gains and biases start at 1 and 0 on both sides; move them so that a mix-up would show."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-
-
-def hf_model(family: str, seed: int = 0):
-    tf = transformers()
-    cls, settings, _ = FAMILIES[family]
-    torch.manual_seed(seed)
-    cfg = getattr(tf, cls)(**SHAPE, **settings)
-    model = tf.AutoModelForCausalLM.from_config(cfg)
-    randomise_vectors(model, seed)
-    return model.eval()
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -86,7 +38,7 @@ def test_a_transformers_model_imports_with_the_same_logits(family, tmp_path):
     theirs = hf_model(family)
     theirs.save_pretrained(tmp_path)  # safetensors
     m = model_keys(family, init_from=str(tmp_path))
-    init = hf.check_init_from(m)  # what prefix.train does on a fresh start
+    init = pretrained.check_init_from(m)  # what prefix.train does on a fresh start
     torch.manual_seed(1)
     ours = GPT(m)
     init.load_into(ours)
@@ -113,7 +65,7 @@ def test_an_export_loads_in_transformers_with_the_same_logits(family, tmp_path):
         diff = max_diff(logits, theirs(TOKENS).logits)
         print(f"{family}: export max |diff| {diff:.2e}")
         assert diff < TOL
-        assert torch.equal(hf.load_model(tmp_path)(TOKENS)[0], logits), "prefix → HF → prefix is exact"
+        assert torch.equal(pretrained.load_model(tmp_path)(TOKENS)[0], logits), "prefix → HF → prefix is exact"
 
 
 @pytest.mark.parametrize("family,more", [("llama3", {}), ("mistral", dict(sliding_window=None)),
@@ -189,9 +141,9 @@ def test_a_mistral_window_must_be_configured_and_cover_the_context(tmp_path):
     (folder / hf.WEIGHTS).write_bytes(b"")  # only its name is checked before the shape
     m = model_keys("mistral", n_kv_head=2, head_dim=None, sliding_window=None, init_from=str(folder))
     with pytest.raises(UserError) as e:
-        hf.check_init_from(m)
+        pretrained.check_init_from(m)
     one_line(e, "set model.sliding_window=4096")
-    assert hf.check_init_from(model_keys("mistral", n_kv_head=2, head_dim=None, sliding_window=4096,
+    assert pretrained.check_init_from(model_keys("mistral", n_kv_head=2, head_dim=None, sliding_window=4096,
                                          init_from=str(folder))).shape["sliding_window"] == 4096
     with pytest.raises(ConfigError) as e:
         model_keys("mistral", sliding_window=4096, seq_len=8192)
@@ -209,7 +161,7 @@ def test_init_from_names_the_new_keys_to_set(tmp_path):
     hf_model("llama3").save_pretrained(tmp_path)
     m = model_keys("llama3", n_kv_head=None, rope_scaling=None, init_from=str(tmp_path))
     with pytest.raises(UserError) as e:
-        hf.check_init_from(m)
+        pretrained.check_init_from(m)
     one_line(e, "set model.n_kv_head=2 model.rope_scaling={", '"original_max_position_embeddings": 48}')
 
 
