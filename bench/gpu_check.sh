@@ -8,7 +8,7 @@
 #      CUDA is deterministic at all (reported, not failed, when it is not);
 #   3. checkpoint stall: periodic saves with checkpoint.async=true vs false (step 1's runs) vs a plain
 #      torch.save of the same model + AdamW on the GPU;
-#   4. trainer.parallelism=fsdp on one GPU, skipped ("not built yet") while --print-config has no such key.
+#   4. trainer.parallelism=fsdp on one GPU (skipped on a checkout whose --print-config has no such key).
 # Results: "${OUT:-bench/results/gpu}"/summary.json, gpu_check.log (this output), nvidia-smi.txt and
 # runs.tar.gz (the runs' metrics and logs, no checkpoints). Exit 0 when every check passed, 1 when one
 # failed, 3 when prefix does not import (a Python package missing: carry wheels, see --fetch-wheels).
