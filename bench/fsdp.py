@@ -4,13 +4,14 @@ Sharding the weights, gradients and AdamW state (FSDP2, prefix/sharding.py) trad
 communication, and its checkpoints are sharded DCP folders (prefix/checkpoint/sharded.py). Three ratios,
 all measured here side by side, on 2 ranks (torchrun, gloo on the CPU) unless said otherwise:
 
-1. Throughput: the same run with `trainer.parallelism=fsdp` and `=ddp`, no checkpoints; tokens/s of a run
-   is the median of its metrics/train.jsonl `tokens_per_sec` (a line per step) after the first W steps.
-   Runs alternate (ddp, fsdp; fsdp, ddp; ...); medians of the runs. Goal: fsdp ÷ ddp ≥ 0.9.
-2. Checkpoint stall: fsdp runs with a periodic sharded checkpoint every K steps, `checkpoint.async=true`
-   (snapshot, then DCP writes from a thread) and `=false` (the loop blocks for the whole synchronous save);
-   `stall_s` of the periodic saves in metrics/checkpoint.jsonl (the final save, synchronous by design, is
-   left out). Goal: async stall ÷ synchronous save ≤ 0.1.
+1. Throughput: the same run with `trainer.parallelism=fsdp` and `=ddp`, a synchronous checkpoint every K
+   steps; tokens/s of a run is the median of its metrics/train.jsonl `tokens_per_sec` (a line per step) over
+   the steps after the first W that include no save. Runs alternate (ddp, fsdp; fsdp, ddp; ...); medians of
+   the runs. Goal: fsdp ÷ ddp ≥ 0.9.
+2. Checkpoint stall: `stall_s` of the periodic sharded saves (metrics/checkpoint.jsonl; the final save,
+   synchronous by design, left out) of the fsdp run above (`checkpoint.async=false`: the loop blocks for the
+   whole DCP save) and of a third run, fsdp with `checkpoint.async=true` (a snapshot, then DCP writes from a
+   thread), same steps and interval. Goal: async stall ÷ synchronous save ≤ 0.1.
 3. Resume with resharding: one process (world size 1) resumes the 2-rank asynchronous run's last checkpoint
    (DCP reshards it on load) and trains a step, against a fresh one-process fsdp start of the same config;
    launch → first "step" log line, as bench/resume_latency.py measures it (its `launch_to_step`). Goal: ≤ 1.2,
@@ -28,65 +29,59 @@ import common
 from resume_latency import launch_to_step
 
 
-def two_ranks(config: Path, overrides: list[str], runs: Path, name: str) -> Path:
-    """A 2-rank run of prefix.train to its end; its run directory."""
+def two_ranks(config: Path, overrides: list[str], runs: Path, name: str, steps: int, every: int) -> dict:
+    """A 2-rank run of prefix.train to its end: its periodic saves, and per step its log line."""
     launch, _ = common.start(common.train_cmd(2, name, runs, *overrides, config=config), runs / name)
     common.finish(launch)
-    return runs / name
-
-
-def tokens_per_s(run: Path, warmup: int) -> tuple[float, float]:
-    """Median tokens/s of the steps after `warmup`, and the loss at the last step."""
-    lines = common.read_jsonl(run / "metrics" / "train.jsonl")
-    return common.median([r["tokens_per_sec"] for r in lines if r["step"] > warmup]), lines[-1]["loss"]
+    saves = [s for s in common.checkpoint_saves(runs / name) if s["step"] < steps]  # the final save is sync
+    if len(saves) != (steps - 1) // every:
+        raise RuntimeError(f"{name}: expected {(steps - 1) // every} periodic saves, the run logged {saves}")
+    return {"saves": saves, "lines": common.read_jsonl(runs / name / "metrics" / "train.jsonl")}
 
 
 def main() -> None:
     args = common.parser(__doc__).parse_args()
     if args.quick:
-        config, model, steps, warmup, every, reps = common.TINY, [], 6, 2, 2, 1
+        config, model, steps, warmup, every, reps = common.TINY, [], 6, 1, 2, 1
     else:
-        config, model, steps, warmup, every, reps = common.DEMO, ["model.d_model=256"], 14, 4, 3, 3
-    base = [*model, "trainer.parallelism=fsdp", "trainer.log_every=1", "trainer.eval_every=0",
-            "checkpoint.every_seconds=0", "telemetry.system_every_s=0"]
-    plain = [*base, "checkpoint.every_steps=0", f"trainer.max_steps={steps}"]
-    saving = [*base, f"checkpoint.every_steps={every}"]
-    rate: dict[str, list[float]] = {"ddp": [], "fsdp": []}
-    loss: dict[str, list[float]] = {"ddp": [], "fsdp": []}
+        config, model, steps, warmup, every, reps = common.DEMO, ["model.d_model=256"], 16, 4, 4, 3
+    shared = [*model, "trainer.parallelism=fsdp", "trainer.log_every=1", "trainer.eval_every=0",
+              f"checkpoint.every_steps={every}", "checkpoint.every_seconds=0", "telemetry.system_every_s=0"]
+    modes = {"ddp": ["trainer.parallelism=ddp", "checkpoint.async=false"], "fsdp": ["checkpoint.async=false"]}
+    rate: dict[str, list[float]] = {m: [] for m in modes}
+    loss: dict[str, list[float]] = {m: [] for m in modes}
     stall: dict[str, list[float]] = {"sync": [], "async": []}
     written, flags, fresh, resumed = [], set(), [], []
     noise, notes = common.Noise(wait=not args.quick), []
     with common.runs_folder() as tmp:
         runs = Path(tmp)
         for rep in range(reps):
-            for mode in ("ddp", "fsdp") if rep % 2 == 0 else ("fsdp", "ddp"):
+            for mode in list(modes)[::1 if rep % 2 == 0 else -1]:
                 noise.settle()
-                run = two_ranks(config, [*plain, f"trainer.parallelism={mode}"], runs, f"{mode}{rep}")
-                for into, value in zip((rate, loss), tokens_per_s(run, warmup), strict=True):
-                    into[mode].append(value)
-            for mode in ("sync", "async") if rep % 2 == 0 else ("async", "sync"):
-                noise.settle()
-                run = two_ranks(config, [*saving, f"checkpoint.async={str(mode == 'async').lower()}",
-                                         f"trainer.max_steps={steps}"], runs, f"{mode}{rep}")
-                saves = [s for s in common.checkpoint_saves(run) if s["step"] < steps]
-                if len(saves) != (steps - 1) // every:
-                    raise RuntimeError(f"{mode}{rep}: expected {(steps - 1) // every} periodic saves, got {saves}")
-                stall[mode] += [s["stall_s"] for s in saves]
-                if mode == "async":
-                    written += [s["write_s"] for s in saves]
-                    flags |= {s.get("async") for s in saves}
-            noise.settle()  # 1 process: a fresh start, then a resume of the 2-rank asynchronous run's checkpoint
-            fresh.append(launch_to_step(config, [*saving, "trainer.max_steps=2"], runs, f"fresh{rep}"))
+                run = two_ranks(config, [*shared, *modes[mode], f"trainer.max_steps={steps}"], runs, f"{mode}{rep}",
+                                steps, every)
+                rate[mode].append(common.median([r["tokens_per_sec"] for r in run["lines"]
+                                                 if r["step"] > warmup and (r["step"] - 1) % every]))
+                loss[mode].append(run["lines"][-1]["loss"])
+                stall["sync"] += [s["stall_s"] for s in run["saves"]] if mode == "fsdp" else []
             noise.settle()
-            resumed.append(launch_to_step(config, [*saving, f"trainer.max_steps={steps + 2}"], runs, f"async{rep}"))
+            run = two_ranks(config, [*shared, "checkpoint.async=true", f"trainer.max_steps={steps}"], runs,
+                            f"async{rep}", steps, every)
+            stall["async"] += [s["stall_s"] for s in run["saves"]]
+            written += [s["write_s"] for s in run["saves"]]
+            flags |= {s.get("async") for s in run["saves"]}
+            noise.settle()  # 1 process: a fresh start, then a resume of the 2-rank asynchronous run's checkpoint
+            fresh.append(launch_to_step(config, [*shared, "trainer.max_steps=2"], runs, f"fresh{rep}"))
+            noise.settle()
+            resumed.append(launch_to_step(config, [*shared, f"trainer.max_steps={steps + 2}"], runs, f"async{rep}"))
             if fresh[-1]["resumed"] or not resumed[-1]["resumed"]:
                 raise RuntimeError(f"rep {rep}: the fresh start resumed or the 1-rank restart did not")
-            print(f"rep {rep + 1}/{reps}: tokens/s ddp {rate['ddp'][-1]:,.0f}, fsdp {rate['fsdp'][-1]:,.0f}; stall sync "
-                  f"{common.median(stall['sync'][-len(saves):]):.3f} s, async "
-                  f"{common.median(stall['async'][-len(saves):]):.3f} s; launch → first step (1 process) fresh "
-                  f"{fresh[-1]['step']:.2f} s, resume from 2 ranks {resumed[-1]['step']:.2f} s", flush=True)
+            print(f"rep {rep + 1}/{reps}: tokens/s ddp {rate['ddp'][-1]:,.0f}, fsdp {rate['fsdp'][-1]:,.0f}; "
+                  f"fsdp stall sync {stall['sync'][-1]:.3f} s, async {stall['async'][-1]:.3f} s; launch → first step "
+                  f"(1 process) fresh {fresh[-1]['step']:.2f} s, resuming 2 ranks' {resumed[-1]['step']:.2f} s",
+                  flush=True)
         params = common.events(runs / "fsdp0", "model")[0]["params"]
-        state_bytes = sum(s["bytes"] for s in common.checkpoint_saves(runs / "sync0")[:1])
+        state_bytes = common.checkpoint_saves(runs / "fsdp0")[0]["bytes"]
     figures: dict[str, object] = {
         "params": params, "ddp_tokens_per_s": common.median(rate["ddp"]),
         "fsdp_tokens_per_s": common.median(rate["fsdp"]),
@@ -117,8 +112,9 @@ def main() -> None:
               common.check("1 process resuming a 2-rank fsdp checkpoint ÷ fresh start, launch → first step",
                            ratios["resume"], at_most=1.2)]
     setup = (f"{config.name}{' with d_model 256' if model else ''} ({params / 1e6:.1f}M parameters), 2 ranks on "
-             f"the CPU (gloo), {steps} steps, tokens/s of steps {warmup + 1}..{steps}, a checkpoint every {every} "
-             f"steps in the save runs, {reps} repetitions alternating the order of each pair; medians")
+             f"the CPU (gloo), {steps} steps, a checkpoint every {every} steps, tokens/s of steps {warmup + 1}..{steps} "
+             f"without a save; {reps} repetitions (ddp and fsdp in alternating order, async, then 1-process fresh "
+             "and resume); medians")
     common.write_results(args.out, "fsdp", args.quick, setup, figures, checks, notes, noise)
 
 
