@@ -7,6 +7,7 @@ collective is a no-op, so the same code runs on a laptop.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -88,6 +89,12 @@ def init(device_preference: str = "auto", timeout_s: float = 600, always_group: 
     if device.type == "cpu":  # share the cores among the ranks of this machine
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return World(rank, local_rank, world_size, local_world, device)
+
+
+def dtensor_type() -> type | None:
+    """DTensor (a shard of a tensor), or None while nothing has imported it, in which case no tensor can be
+    one: lets the DDP path check for shards without paying torch.distributed.tensor's import (~1 s)."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
 def any_true(world: World, *flags: bool) -> tuple[bool, ...]:

@@ -128,10 +128,12 @@ def _fill(param: torch.Tensor, make) -> None:
     """Give `param` the values of `make(full shape)`: all of them, or this rank's slice of a sharded one."""
     if param.is_meta:
         return
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from prefix.distributed import dtensor_type
 
     full = make(param.shape)
-    if isinstance(param, DTensor):  # slice locally (src_data_rank=None: no communication)
+    if isinstance(param, dtensor_type() or ()):  # slice locally (src_data_rank=None: no communication)
+        from torch.distributed.tensor import distribute_tensor
+
         full = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
         param.to_local().copy_(full.to_local())
     else:

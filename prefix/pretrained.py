@@ -66,9 +66,9 @@ def _open(folder: Path, at: str) -> dict[str, Any]:
 
 def rows_held(param: torch.Tensor) -> tuple[int, int]:
     """The rows (dim 0) of the whole tensor this rank holds: all of them, or its FSDP shard's."""
-    from torch.distributed.tensor import DTensor
+    from prefix.distributed import dtensor_type
 
-    if not isinstance(param, DTensor):
+    if not isinstance(param, dtensor_type() or ()):
         return 0, param.shape[0]
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 

@@ -14,30 +14,27 @@ what is bitwise.
 
 from __future__ import annotations
 
+import sys
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from prefix.config import Config
-from prefix.distributed import World
+from prefix.distributed import World, dtensor_type
 from prefix.fast_path import autocast_dtype, wants_compile
 from prefix.model import GPT
+
+# torch.distributed's fsdp, tensor and checkpoint modules are imported where used: together they cost
+# a DDP start (which never needs them) a second or two.
 
 
 def build(cfg: Config, world: World) -> GPT:
     """A GPT sharded over every rank, initialised as `GPT(cfg.model)` after `torch.manual_seed(cfg.run.seed)`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     amp_dtype = autocast_dtype(cfg.trainer.precision, world.device)
     compiled = wants_compile(cfg.trainer.compile, world.device)
     with torch.device("meta"):
@@ -57,12 +54,13 @@ def build(cfg: Config, world: World) -> GPT:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be sharded
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def gradient_sync(module: nn.Module, sync: bool) -> AbstractContextManager:
     """Around one micro-batch's backward: reduce the gradients only on the last one (DDP and FSDP alike)."""
-    if isinstance(module, FSDPModule):
+    if is_sharded(module):
         module.set_requires_gradient_sync(sync)
         return nullcontext()
     no_sync = getattr(module, "no_sync", None)
@@ -72,20 +70,26 @@ def gradient_sync(module: nn.Module, sync: bool) -> AbstractContextManager:
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
     """The global gradient norm (clipped to max_norm), a plain tensor whether or not the gradients are sharded."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return norm.full_tensor() if isinstance(norm, dtensor_type() or ()) else norm
 
 
 def state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The sharded model and optimizer state, keyed by parameter name: what DCP writes and reads."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
 def load(model: nn.Module, optimizer: torch.optim.Optimizer, loaded: dict[str, Any]) -> None:
     """Put what DCP read into `state(model, optimizer)`'s tensors back into the model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
     set_model_state_dict(model, loaded["model"])
     set_optimizer_state_dict(model, optimizer, loaded["optimizer"])
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Whole tensors on the CPU (collective): for an export or a comparison, not for checkpoints."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

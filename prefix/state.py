@@ -18,9 +18,11 @@ from prefix.errors import UserError
 
 @dataclass(frozen=True)
 class TrainState:
-    model: dict[str, Any]
-    """State dict of the unwrapped model (no DDP or compile prefixes)."""
-    optimizer: dict[str, Any]
+    model: dict[str, Any] | None
+    """State dict of the unwrapped model (no DDP or compile prefixes); None in a sharded checkpoint's file
+    (`read_verified` fills it from the folder)."""
+    optimizer: dict[str, Any] | None
+    """None in a sharded checkpoint's file."""
     scheduler: dict[str, Any]
     step: int
     """Optimizer steps done."""

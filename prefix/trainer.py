@@ -97,9 +97,9 @@ class Trainer:
             step=self.step, tokens_seen=self.tokens_seen, config=self.cfg.to_dict(),
             dataloader=self.train.state_dict(), skipped_steps=self.skipped_steps).to_dict()
 
-    def shards(self) -> dict[str, Any] | None:
-        """The sharded model and optimizer state (FSDP), or None when the global file holds them."""
-        return sharding.state(self.raw, self.optimizer) if self.sharded else None
+    def shards(self) -> dict[str, Any]:
+        """The sharded model and optimizer state (FSDP), for the checkpoint's DCP folder."""
+        return sharding.state(self.raw, self.optimizer)
 
     def load_state_dict(self, state: TrainState) -> None:
         if bool(state.sharded) != self.sharded:

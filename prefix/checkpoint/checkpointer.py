@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from prefix import distributed
-from prefix.checkpoint import files, sharded
+from prefix.checkpoint import files
 from prefix.checkpoint.files import FORMAT_VERSION, FileSum, global_name, rank_name, tmp
 from prefix.checkpoint.resume import Finding, Resume, choose
 from prefix.checkpoint.snapshot import Snapshot
@@ -131,6 +131,8 @@ class Checkpointer:
 
     def read_shards(self, name: str, state: dict[str, Any]) -> None:
         """Collective: fill `state` (the sharded model and optimizer) from the checkpoint's folder `name`."""
+        from prefix.checkpoint import sharded  # here and below: DCP's import is for sharded runs only
+
         sharded.read(self.folder / name, state)
 
     def resume_point(self) -> str:
@@ -254,7 +256,7 @@ class Checkpointer:
     def _name_shards(self, step: int, shards: Callable[[], dict[str, Any]] | None) -> None:
         """Every rank's name for this save's fresh sharded folder (rank 0 draws the token)."""
         self._shards = None if shards is None else distributed.broadcast(
-            self.world, sharded.folder_name(step, secrets.token_hex(4)))
+            self.world, files.shard_folder(step, secrets.token_hex(4)))
 
     def write(self, step: int, global_state: Callable[[], dict[str, Any]],
               rank_state: dict[str, Any], shards: dict[str, Any] | None = None) -> dict[str, FileSum]:
@@ -265,6 +267,8 @@ class Checkpointer:
         sums, folder = {}, {}
         if shards is not None:
             assert self._shards is not None, "_name_shards() first"
+            from prefix.checkpoint import sharded
+
             folder = {"sharded": self._shards}  # named in the global file only
             sums = sharded.write(self.folder / self._shards, shards, r, self._group)
         published = [rank_name(slot, r) for slot in files.SLOTS] + (
@@ -302,6 +306,10 @@ class Checkpointer:
 
     def _remove_unlisted(self) -> None:
         """Rank 0: sharded folders that no manifest lists any more, removed off the step loop."""
+        if not any(self.folder.glob(files.SHARD_FOLDERS)):
+            return
+        from prefix.checkpoint import sharded
+
         manifests, _ = files.read_manifests(self.folder)
         gone = sharded.unlisted(self.folder, [m.files for m in manifests])
         if gone:
@@ -318,6 +326,8 @@ class Checkpointer:
             self._manifest.unlink(missing_ok=True)
             self._manifest = None
         if self._shards is not None and self.world.is_main:
+            from prefix.checkpoint import sharded
+
             sharded.remove([self.folder / self._shards])
         self._shards = None
 

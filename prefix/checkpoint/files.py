@@ -28,6 +28,12 @@ FORMAT_VERSION = 2
 """2: checksummed files with manifests. Files of format 1 are refused at resume."""
 SLOTS = ("latest", "prev")
 MANIFEST = re.compile(r"^manifest-(\d+)-([0-9a-f]+)\.json$")
+SHARD_FOLDERS = "sharded-*"
+"""trainer.parallelism=fsdp: the fresh folder of each save's sharded model and optimizer (checkpoint/sharded.py)."""
+
+
+def shard_folder(step: int, token: str) -> str:
+    return f"sharded-{step}-{token}"
 
 
 def global_name(slot: str) -> str:

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from prefix.checkpoint import sharded
 from prefix.checkpoint.files import FORMAT_VERSION, SLOTS, file_sum, global_name, rank_name, read_manifests
 from prefix.errors import UserError
 
@@ -89,7 +88,10 @@ class _Inspector:
                 reason = f"written in checkpoint format {version}; this prefix reads format {FORMAT_VERSION}"
             elif listed:
                 shards = state.get("sharded")  # the folder of a sharded checkpoint: verified whole, or unusable
-                reason = shards and sharded.problem(self.folder, shards, sharded.listed(listed[0].files, shards))
+                if shards:
+                    from prefix.checkpoint import sharded  # DCP's import: for sharded checkpoints only
+
+                    reason = sharded.problem(self.folder, shards, sharded.listed(listed[0].files, shards))
                 if not reason:
                     return step, listed[0].world_size
             elif same_step:

@@ -33,14 +33,10 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from prefix.checkpoint.files import FileSum, file_sum
+from prefix.checkpoint.files import SHARD_FOLDERS, FileSum, file_sum
 
-FOLDER = re.compile(r"^sharded-(\d+)-([0-9a-f]+)$")
+FOLDER = re.compile(r"^sharded-(\d+)-([0-9a-f]+)$")  # files.shard_folder's names
 METADATA = ".metadata"
-
-
-def folder_name(step: int, token: str) -> str:
-    return f"sharded-{step}-{token}"
 
 
 def role(folder: str, file: str) -> str:
@@ -107,7 +103,7 @@ def problem(root: Path, name: str, files: dict[str, FileSum]) -> str | None:
 def unlisted(root: Path, manifests_files: list[dict[str, FileSum]]) -> list[Path]:
     """Sharded folders no manifest lists: an interrupted save's, or one whose checkpoint was replaced."""
     keep = {key.split("/", 1)[0] for files in manifests_files for key in files if "/" in key}
-    return [p for p in root.glob("sharded-*") if p.is_dir() and p.name not in keep]
+    return [p for p in root.glob(SHARD_FOLDERS) if p.is_dir() and p.name not in keep]
 
 
 def remove(paths: list[Path]) -> None:

@@ -23,7 +23,8 @@ import time
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
+
+from prefix.distributed import dtensor_type
 
 
 class Snapshot:
@@ -66,9 +67,9 @@ class Snapshot:
 
     def _copy(self, value: Any, path: str, seen: dict[tuple, torch.Tensor]) -> Any:
         """`seen`: this take's buffers by the memory they copy."""
-        if isinstance(value, DTensor):  # a shard (FSDP): copy this rank's part, keep where it sits in the whole
+        if isinstance(value, dtensor_type() or ()):  # a shard (FSDP): copy this rank's part, and where it sits
             local = self._tensor(value.to_local().detach(), path, seen)
-            return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False,
+            return type(value).from_local(local, value.device_mesh, value.placements, run_check=False,
                                       shape=value.shape, stride=value.stride())
         if isinstance(value, torch.Tensor):
             return self._tensor(value.detach(), path, seen)

@@ -47,7 +47,8 @@ def baseline(tmp_path_factory) -> Path:
 
 
 def test_fsdp_equals_ddp_bitwise_with_clipping_inactive(tmp_path: Path) -> None:
-    same = ("trainer.max_steps=20", "trainer.grad_clip=0", "checkpoint.every_steps=10", "trainer.eval_every=10")
+    same = ("trainer.max_steps=20", "trainer.grad_clip=0", "checkpoint.every_steps=10", "trainer.eval_every=10",
+            "trainer.sample_every=10", "trainer.sample_tokens=6")  # under fsdp every rank samples: no hang
     finished(train_cmd(2, "ddp", tmp_path, *same), tmp_path / "ddp.log")
     finished(train_cmd(2, "fsdp", tmp_path, *same, FSDP), tmp_path / "fsdp.log")
     assert len(losses(tmp_path / "fsdp")) == 20
@@ -56,6 +57,8 @@ def test_fsdp_equals_ddp_bitwise_with_clipping_inactive(tmp_path: Path) -> None:
     assert_same_weights(checkpoint(tmp_path / "fsdp").model, checkpoint(tmp_path / "ddp").model)
     evals = [read_jsonl(tmp_path / run_ / "metrics" / "eval.jsonl") for run_ in ("ddp", "fsdp")]
     assert [e["val_loss"] for e in evals[0]] == [e["val_loss"] for e in evals[1]]
+    samples = [read_jsonl(tmp_path / run_ / "metrics" / "samples.jsonl") for run_ in ("ddp", "fsdp")]
+    assert len(samples[1]) == 2 and [s["text"] for s in samples[0]] == [s["text"] for s in samples[1]]
 
 
 def test_fsdp_sigterm_resume_is_bitwise_identical(baseline: Path, tmp_path: Path) -> None:
