@@ -17,8 +17,11 @@ all measured here side by side, on 2 ranks (torchrun, gloo on the CPU) unless sa
    launch → first "step" log line, as bench/resume_latency.py measures it (its `launch_to_step`). Goal: ≤ 1.2,
    that benchmark's goal for a resume at the same world size.
 
-Model: configs/demo.yaml with d_model 256 (3.2M parameters, 4 layers), so compute is not negligible against
-the per-block all-gathers. Run: `make bench`, or `.venv/bin/python bench/fsdp.py [--quick]`.
+Model: configs/demo.yaml with d_model 256 (3.3M parameters, 4 layers) and 4096 tokens per forward pass (16
+sequences of 256, no accumulation), as a GPU job has thousands per micro-batch: FSDP's cost is the per-block
+all-gathers and reduce-scatters, proportional to the weights, against compute proportional to the tokens.
+With 1024 tokens per forward pass (demo.yaml's 8 × 128, accumulation 2) the same pair measured 0.76× on
+2 cores (docs/scale.md). Run: `make bench`, or `.venv/bin/python bench/fsdp.py [--quick]`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from pathlib import Path
 
 import common
 from resume_latency import launch_to_step
+
+MODEL = ("model.d_model=256", "model.seq_len=256", "trainer.micro_batch_size=16", "trainer.global_batch_size=32")
 
 
 def two_ranks(config: Path, overrides: list[str], runs: Path, name: str, steps: int, every: int) -> dict:
@@ -44,7 +49,7 @@ def main() -> None:
     if args.quick:
         config, model, steps, warmup, every, reps = common.TINY, [], 6, 1, 2, 1
     else:
-        config, model, steps, warmup, every, reps = common.DEMO, ["model.d_model=256"], 16, 4, 4, 3
+        config, model, steps, warmup, every, reps = common.DEMO, list(MODEL), 16, 4, 4, 3
     shared = [*model, "trainer.parallelism=fsdp", "trainer.log_every=1", "trainer.eval_every=0",
               f"checkpoint.every_steps={every}", "checkpoint.every_seconds=0", "telemetry.system_every_s=0"]
     modes = {"ddp": ["trainer.parallelism=ddp", "checkpoint.async=false"], "fsdp": ["checkpoint.async=false"]}
@@ -111,7 +116,7 @@ def main() -> None:
               common.check("fsdp: async checkpoint stall ÷ synchronous sharded save", ratios["stall"], at_most=0.1),
               common.check("1 process resuming a 2-rank fsdp checkpoint ÷ fresh start, launch → first step",
                            ratios["resume"], at_most=1.2)]
-    setup = (f"{config.name}{' with d_model 256' if model else ''} ({params / 1e6:.1f}M parameters), 2 ranks on "
+    setup = (f"{config.name}{' with ' + ' '.join(model) if model else ''} ({params / 1e6:.1f}M parameters), 2 ranks on "
              f"the CPU (gloo), {steps} steps, a checkpoint every {every} steps, tokens/s of steps {warmup + 1}..{steps} "
              f"without a save; {reps} repetitions (ddp and fsdp in alternating order, async, then 1-process fresh "
              "and resume); medians")

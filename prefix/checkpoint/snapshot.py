@@ -32,6 +32,7 @@ class Snapshot:
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self._wrapped: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # path → (buffer, the DTensor over it)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, live CPU tensor) to copy
         self._gpu_copied: torch.cuda.Event | None = None
         self._copied = threading.Event()
@@ -69,8 +70,12 @@ class Snapshot:
         """`seen`: this take's buffers by the memory they copy."""
         if isinstance(value, dtensor_type() or ()):  # a shard (FSDP): copy this rank's part, and where it sits
             local = self._tensor(value.to_local().detach(), path, seen)
-            return type(value).from_local(local, value.device_mesh, value.placements, run_check=False,
-                                      shape=value.shape, stride=value.stride())
+            wrapped = self._wrapped.get(path)
+            if wrapped is None or wrapped[0] is not local:  # rewrapping costs ~0.1 ms a tensor: once per buffer
+                self._wrapped[path] = (local, type(value).from_local(
+                    local, value.device_mesh, value.placements, run_check=False, shape=value.shape,
+                    stride=value.stride()))
+            return self._wrapped[path][1]
         if isinstance(value, torch.Tensor):
             return self._tensor(value.detach(), path, seen)
         if isinstance(value, dict):
