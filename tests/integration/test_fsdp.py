@@ -147,3 +147,20 @@ def test_a_family_trains_under_fsdp_from_its_transformers_folder_and_exports_bac
     if family == "llama3":  # sampling reads the sharded checkpoint too
         result = run([*cli, "sample", "r", "--runs-root", str(tmp_path), "--tokens", "8", "--prompt", "def "])
         assert result.returncode == 0 and result.stdout.startswith("def "), result.stderr[-2000:]
+
+
+def test_compile_bf16_and_activation_checkpointing_compose_with_fsdp(tmp_path: Path) -> None:
+    """Each block compiled in place before it is sharded, bf16 through MixedPrecisionPolicy, blocks recomputed
+    in backward: the run trains, and its checkpoint keeps the plain model's names (it resumes eager, fp32)."""
+    fast = ("trainer.compile=true", "trainer.precision=bf16", "trainer.activation_checkpointing=true")
+    finished(train_cmd(0, "fast", tmp_path, FSDP, *fast, "trainer.max_steps=8", "checkpoint.every_steps=4"),
+             tmp_path / "log1")
+    run_dir = tmp_path / "fast"
+    (event,) = [e for e in read_jsonl(run_dir / "logs" / "rank0.jsonl") if e["event"] == "fast path"]
+    assert event["compile"] and event["precision"] == "bf16" and event["activation_checkpointing"]
+    loss = losses(run_dir)
+    assert len(loss) == 8 and loss[8] < loss[1] - 0.5
+    weights = checkpoint(run_dir).model
+    assert not any(k.startswith(("_orig_mod", "module")) or "_orig_mod" in k for k in weights)
+    finished(train_cmd(0, "fast", tmp_path, FSDP, "trainer.max_steps=10", "checkpoint.every_steps=4"), tmp_path / "log2")
+    assert max(losses(run_dir)) == 10
