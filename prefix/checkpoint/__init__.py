@@ -4,6 +4,7 @@ and which one a start resumes from. See docs/checkpoints.md.
 - `files`: names, checksummed durable writes, manifests;
 - `resume`: verifying files and choosing the step to resume from;
 - `checkpointer`: the collective save protocol and loading;
+- `sharded`: trainer.parallelism=fsdp's DCP folders (written fresh per save, verified whole, read safely);
 - `rng`: every RNG state, in a form `weights_only` loading accepts.
 """
 
