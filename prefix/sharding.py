@@ -86,10 +86,3 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, loaded: dict[str, A
 
     set_model_state_dict(model, loaded["model"])
     set_optimizer_state_dict(model, optimizer, loaded["optimizer"])
-
-
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Whole tensors on the CPU (collective): for an export or a comparison, not for checkpoints."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
