@@ -13,12 +13,29 @@ from typing import Any
 
 EXIT_BROKEN_PIPE = 141
 """128 + SIGPIPE: what `prefix runs | head` exits with once head stopped reading, like a shell tool."""
+EXIT_USER = 2
+"""A problem the user can fix: the same start would fail the same way (a Job must not retry it)."""
+EXIT_FENCED = 3
+"""Another start took the run's lease over (this one was frozen or cut off): it wrote nothing and left."""
+EXIT_DIR = "PREFIX_EXIT_DIR"
+"""Set by `prefix launch`: each worker records its exit code there, since torchrun reports only 1."""
+
+
+def record_exit(code: int) -> None:
+    """Tell `prefix launch` (when it started us) how this worker ends: `$PREFIX_EXIT_DIR/rank<RANK>`."""
+    folder = os.environ.get(EXIT_DIR)
+    if folder:
+        try:
+            with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}"), "w") as f:
+                f.write(str(code))
+        except OSError:
+            pass  # the launcher then treats this worker as crashed: a retry, never a lost run
 
 
 class UserError(Exception):
     """A problem the user can fix (configuration, data, paths, checkpoints)."""
 
-    exit_code = 2
+    exit_code = EXIT_USER
     same_on_every_rank = False
     """True when every rank raises the same error (config, checkpoints): only rank 0 prints it."""
 

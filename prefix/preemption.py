@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
+from prefix.errors import record_exit
+
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: "stopped by a signal, final checkpoint written"
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -63,6 +65,7 @@ def exit_promptly(code: int) -> NoReturn:
     transformers' modules one by one, 1-2 s of CPU that writes nothing, on the 30 s a preempted pod
     has (see docs/benchmarks.md).
     """
+    record_exit(code)
     threading._shutdown()
     atexit._run_exitfuncs()
     sys.stdout.flush()

@@ -63,7 +63,7 @@ def train(args: argparse.Namespace) -> int:
     run_dir = RunDir(root / name)
     run_dir.check()
     fsdp = cfg.trainer.parallelism == "fsdp"
-    world = distributed.init(cfg.trainer.device, always_group=fsdp)  # FSDP's mesh needs a group, even of one
+    world = distributed.init(cfg.trainer.device, cfg.distributed.timeout_s, always_group=fsdp)  # FSDP's mesh needs a group, even of one
     accum = config.check_world(cfg, world.world_size)
     if world.device.type in ("cuda", "cpu"):  # refuse what cannot fit before any data or checkpoint is read
         from prefix import memory

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prefix.errors import record_exit
 from prefix.runs import write_atomically
 
 EXIT_HUNG = 124  # as timeout(1): "no progress within the time limit"; stacks are in logs/
@@ -129,6 +130,7 @@ class Watchdog:
                       "stacks (a stuck collective or a dead peer); raise watchdog.timeout_s if steps, evaluation "
                       "or checkpoints are legitimately this slow", file=sys.stderr, flush=True)
             finally:
+                record_exit(EXIT_HUNG)
                 os._exit(EXIT_HUNG)
 
 

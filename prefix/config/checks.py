@@ -117,6 +117,10 @@ def validate(cfg: Config) -> None:
     _require(cfg.telemetry.system_every_s >= 0, "telemetry.system_every_s", "must be 0 (off) or positive")
     _require(cfg.telemetry.progress in ("auto", "always", "never"), "telemetry.progress", "must be auto, always or never")
     _require(cfg.watchdog.timeout_s >= 0, "watchdog.timeout_s", "must be 0 (off) or positive")
+    _require(cfg.run.lease_timeout_s >= 1, "run.lease_timeout_s", "must be at least 1 second")
+    _require(cfg.distributed.timeout_s >= 2 * cfg.run.lease_timeout_s + 10, "distributed.timeout_s",
+             f"must be at least 2 × run.lease_timeout_s + 10 s = {2 * cfg.run.lease_timeout_s + 10:g} (the other "
+             "ranks wait that long while rank 0 waits for the run's lease); raise it or lower run.lease_timeout_s")
 
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3,

@@ -15,6 +15,9 @@ from typing import Any
 class RunConfig:
     seed: int = 1337
     """Seeds model initialisation, the data shuffle (unless data.shuffle_seed is set) and every RNG."""
+    lease_timeout_s: float = 30.0
+    """One writer per run: a start holds a lease on the run directory, renewed every sixth of this; a lease
+    not renewed for this long is taken over (what a start after a SIGKILL on another host waits, docs/lease.md)."""
 
 
 @dataclass
@@ -191,6 +194,13 @@ class WatchdogConfig:
 
 
 @dataclass
+class DistributedConfig:
+    timeout_s: float = 300.0
+    """A collective (or the process group's store) waiting this long for a peer ends the start with exit 124,
+    so a frozen or lost peer costs minutes, not the 600 s default; must cover the slowest checkpoint write."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -199,6 +209,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -206,4 +217,5 @@ class Config:
 
 SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "model": ModelConfig,
                              "trainer": TrainerConfig, "checkpoint": CheckpointConfig,
-                             "telemetry": TelemetryConfig, "watchdog": WatchdogConfig}
+                             "telemetry": TelemetryConfig, "watchdog": WatchdogConfig,
+                             "distributed": DistributedConfig}
