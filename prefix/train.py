@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 from prefix.errors import UserError, exit_code_of, report
 from prefix.runs import add_runs_root
@@ -44,16 +45,9 @@ def seed_everything(seed: int) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    import torch
-
-    from prefix import config, distributed, drift, pretrained
-    from prefix.checkpoint import Checkpointer, log_findings, set_rng_state
+    from prefix import config, distributed
     from prefix.preemption import Preemption
     from prefix.runs import RunDir, check_run_name, runs_root
-    from prefix.runs.manager import RunManager
-    from prefix.runs.registry import Registry
-    from prefix.state import TrainState
-    from prefix.system_metrics import SystemSampler
     from prefix.telemetry import setup_logging
 
     cfg = config.load(args.config, args.overrides)
@@ -63,21 +57,63 @@ def train(args: argparse.Namespace) -> int:
     run_dir = RunDir(root / name)
     run_dir.check()
     fsdp = cfg.trainer.parallelism == "fsdp"
-    world = distributed.init(cfg.trainer.device, cfg.distributed.timeout_s, always_group=fsdp)  # FSDP's mesh needs a group, even of one
+    # FSDP's mesh needs a process group, even of one
+    world = distributed.init(cfg.trainer.device, cfg.distributed.timeout_s, always_group=fsdp)
     accum = config.check_world(cfg, world.world_size)
     if world.device.type in ("cuda", "cpu"):  # refuse what cannot fit before any data or checkpoint is read
         from prefix import memory
 
         memory.check_fits(cfg, world.world_size, *memory.available(world), device=world.device.type)
     log = setup_logging(world.rank)  # console only: nothing is written before every check passed
+    preemption = Preemption()
+    lease = hold_lease(world, run_dir, cfg.run.lease_timeout_s, log)  # one writer: before anything is read
+    lease.renew_in_background(stopping=lambda: preemption.requested)
+    wrote = [False]
+    try:
+        return start(args, cfg, world, run_dir, root, stem, accum, fsdp, lease, preemption, log, wrote)
+    finally:
+        lease.release(wrote=wrote[0])
+
+
+def hold_lease(world: Any, run_dir: Any, timeout_s: float, log: Any) -> Any:
+    """Rank 0 takes the run's lease (waiting for another start to let go); every rank learns its epoch."""
+    from prefix import distributed
+    from prefix.runs.lease import Lease
+
+    held = []
+
+    def take() -> int:
+        held.append(Lease.take(run_dir.path, timeout_s, log))
+        return held[0].epoch
+
+    epoch = distributed.on_main(world, take)
+    return held[0] if held else Lease(run_dir.path, epoch, timeout_s, log, holder=False)
+
+
+def start(args: argparse.Namespace, cfg: Any, world: Any, run_dir: Any, root: Path, stem: str, accum: int,
+          fsdp: bool, lease: Any, preemption: Any, log: Any, wrote: list[bool]) -> int:
+    """The rest of a start, once this start holds the run."""
+    import torch
+
+    from prefix import distributed, drift, pretrained
+    from prefix.checkpoint import Checkpointer, log_findings, set_rng_state
+    from prefix.runs.lease import ceilings
+    from prefix.runs.manager import RunManager
+    from prefix.runs.registry import Registry
+    from prefix.state import TrainState
+    from prefix.system_metrics import SystemSampler
+    from prefix.telemetry import setup_logging
+
     run = RunManager(run_dir, args.experiment or stem, Registry(root) if world.is_main else None, log,
                      main=world.is_main, tensorboard=cfg.telemetry.tensorboard, relabel=args.experiment is not None)
-
-    checkpointer = Checkpointer(run_dir.checkpoints, world, cfg.checkpoint, sharded_saves=fsdp)
-    choice, findings = checkpointer.find()
+    run.guard, run.lease_wait_s = lease.check, lease.waited_s
+    checkpointer = Checkpointer(run_dir.checkpoints, world, cfg.checkpoint, sharded_saves=fsdp, epoch=lease.epoch)
+    checkpointer.guard = lease.check
+    choice, findings = checkpointer.find(ceilings(run_dir.path) if world.is_main else {})
     saved, rank_state = checkpointer.load(choice) if choice else (None, None)
     state = TrainState.from_dict(saved) if saved is not None else None
     start_step = state.step if state else 0
+    lease.note_resume(start_step)  # checkpoints an older epoch commits past this step are a fenced start's
     changes = drift.check(state.config, cfg.to_dict(), start_step, args.allow_config_change) if state else {}
     if start_step >= cfg.trainer.max_steps:  # decided before any data pipeline exists
         log.info(drift.finished(start_step, cfg.trainer.max_steps, changes), step=start_step,
@@ -116,6 +152,7 @@ def train(args: argparse.Namespace) -> int:
         val = ValStream(cfg, sources) if cfg.trainer.eval_every else None
 
         distributed.on_main(world, run.create)  # from here on the run directory is written
+        wrote[0] = True
         run.log = log = setup_logging(world.rank, run_dir.logs)
         if world.is_main:
             log_findings(log, choice, findings)
@@ -128,7 +165,7 @@ def train(args: argparse.Namespace) -> int:
             log.info("starting", run=str(run_dir.path), world_size=world.world_size, accum=accum,
                      restarts=restarts, device=str(world.device), config_changes=changes or None)
             pretrained.log_init(log, init, cfg.model, start_step)
-        trainer = Trainer(cfg, world, model, train, val, tokenizer, checkpointer, Preemption(), run, log)
+        trainer = Trainer(cfg, world, model, train, val, tokenizer, checkpointer, preemption, run, log)
         if state is not None:
             trainer.load_state_dict(state)
             if rank_state is not None:

@@ -61,7 +61,8 @@ class Trainer:
         self.run = run
         run_dir = run.dir
         self.peak_flops = peak_flops(world.device)
-        self.ledger = Ledger(partial(run.log_metrics, "time"), restart=run.state.get("restarts", 0))
+        self.ledger = Ledger(partial(run.log_metrics, "time"), restart=run.state.get("restarts", 0),
+                             lease_wait_s=run.lease_wait_s)
         self.samples = open(run_dir.metrics / f"samples_rank{world.rank}.jsonl", "a") \
             if cfg.data.record_samples else None
         self.log = log
@@ -280,6 +281,7 @@ class Trainer:
         self.step += 1
         self.tokens_seen += self.cfg.trainer.global_batch_size * self.cfg.model.seq_len
         if self.samples:
+            self.run.guard()
             self.samples.write(json.dumps({"step": self.step, "epoch": self.train.epoch, "indices": indices}) + "\n")
             self.samples.flush()
         return loss_sum / self.accum

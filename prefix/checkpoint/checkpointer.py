@@ -88,10 +88,16 @@ def _describe(error: OSError) -> str:
 class Checkpointer:
     """Saves and restores the run's checkpoints; the trainer hands it plain state dicts."""
 
-    def __init__(self, folder: Path, world: World, cfg: CheckpointConfig, sharded_saves: bool = False):
+    def __init__(self, folder: Path, world: World, cfg: CheckpointConfig, sharded_saves: bool = False,
+                 epoch: int = 0):
+        """`epoch`: the run lease's (prefix/runs/lease.py), recorded in every manifest and in temporary
+        names, so that a fenced start's leftovers never share a name with the live start's files."""
         self.folder = folder
         self.world = world
         self.cfg = cfg
+        self.epoch = epoch
+        self.guard: Callable[[], None] = lambda: None
+        """Called before every write that matters (the lease's fence: exits if another start took over)."""
         self.committed_step: int | None = None
         self._slot_global: str | None = None  # where the committed step's files live
         self._slot_rank: str | None = None
@@ -113,9 +119,10 @@ class Checkpointer:
             self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
     # -- resume -------------------------------------------------------------------------
-    def find(self) -> tuple[Resume | None, list[Finding]]:
-        """Rank 0 inspects the folder (read-only); every rank gets the same answer or error."""
-        return distributed.on_main(self.world, lambda: choose(self.folder, self.world.world_size))
+    def find(self, ceilings: dict[int, int] | None = None) -> tuple[Resume | None, list[Finding]]:
+        """Rank 0 inspects the folder (read-only); every rank gets the same answer or error.
+        `ceilings`: lease epoch → last step its checkpoints may have (see `choose`)."""
+        return distributed.on_main(self.world, lambda: choose(self.folder, self.world.world_size, ceilings))
 
     def load(self, choice: Resume) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The global state and this rank's state (None when this rank did not exist then)."""
@@ -145,6 +152,7 @@ class Checkpointer:
         """Drop temporary files left by a write that was killed, and the second names a final save left
         (rank 0, before any save)."""
         if self.world.is_main and self.folder.is_dir():
+            self.guard()
             for path in self.folder.glob("*.tmp"):
                 path.unlink(missing_ok=True)
             files.remove_in_background(list(self.folder.glob(f"{files.RETIRED}*")))
@@ -262,6 +270,7 @@ class Checkpointer:
               rank_state: dict[str, Any], shards: dict[str, Any] | None = None) -> dict[str, FileSum]:
         """Phase 1: this rank's files under temporary names (and its shards in a fresh folder, collectively);
         their checksums by role."""
+        self.guard()
         self.folder.mkdir(parents=True, exist_ok=True)
         r, stamp = self.world.rank, {"step": step, "format_version": FORMAT_VERSION}
         sums, folder = {}, {}
@@ -275,20 +284,22 @@ class Checkpointer:
             [global_name(slot) for slot in files.SLOTS] if self.world.is_main else [])
         self._retired = files.second_names(self.folder / name for name in published)
         mine = {**rank_state, **stamp, "rank": r}
-        sums[f"rank{r}"] = files.write_durably(mine, tmp(self.folder / rank_name("latest", r)))
+        sums[f"rank{r}"] = files.write_durably(mine, self._tmp(rank_name("latest", r)))
         if self.world.is_main:
             shared = {**global_state(), **stamp, **folder, "world_size": self.world.world_size}
-            sums["global"] = files.write_durably(shared, tmp(self.folder / global_name("latest")))
+            sums["global"] = files.write_durably(shared, self._tmp(global_name("latest")))
         return sums
 
     def record(self, step: int, sums_by_rank: list[dict[str, FileSum]]) -> None:
         """Phase 2 (rank 0): the manifest of this save, durable before any file is published."""
         listed = {role: s for sums in sums_by_rank for role, s in sums.items()}
-        self._manifest = files.write_manifest(self.folder, step, len(sums_by_rank), listed)
+        self.guard()
+        self._manifest = files.write_manifest(self.folder, step, len(sums_by_rank), listed, self.epoch)
 
     def commit(self, step: int) -> None:
         """Phase 3, once the manifest is durable: publish this rank's files."""
         r = self.world.rank
+        self.guard()
         self._slot_rank = self._publish(rank_name("latest", r), rank_name("prev", r), self._slot_rank)
         if self.world.is_main:
             self._slot_global = self._publish(global_name("latest"), global_name("prev"), self._slot_global)
@@ -299,6 +310,7 @@ class Checkpointer:
         """After every rank committed `step` (rank 0): forget manifests no file can need."""
         keep = {step} | ({self._previous_step} if self.cfg.keep_previous else set())
         if self.world.is_main:
+            self.guard()
             files.prune_manifests(self.folder, {s for s in keep if s is not None})
             self._remove_unlisted()
         self._manifest = None
@@ -317,9 +329,9 @@ class Checkpointer:
 
     def discard(self) -> None:
         """A failed save: remove what it wrote, so the space is free and nothing refers to it."""
-        mine = [tmp(self.folder / rank_name("latest", self.world.rank))]
+        mine = [self._tmp(rank_name("latest", self.world.rank))]
         if self.world.is_main:
-            mine += [tmp(self.folder / global_name("latest")), *self.folder.glob("manifest-*.json.tmp")]
+            mine += [self._tmp(global_name("latest")), *self.folder.glob("manifest-*.json.tmp")]
         for path in mine:
             path.unlink(missing_ok=True)
         if self._manifest is not None:
@@ -331,6 +343,9 @@ class Checkpointer:
             sharded.remove([self.folder / self._shards])
         self._shards = None
 
+    def _tmp(self, name: str) -> Path:
+        return tmp(self.folder / name, self.epoch)
+
     def _publish(self, latest: str, prev: str, committed_slot: str | None) -> str:
         """Rename `latest.tmp` to `latest`, keeping the last committed file as `prev`."""
         latest_path, prev_path = self.folder / latest, self.folder / prev
@@ -339,7 +354,7 @@ class Checkpointer:
                 os.replace(latest_path, prev_path)
         elif committed_slot == "prev" and latest_path.exists():
             latest_path.unlink()  # unusable, or a newer step that never completed on every rank
-        os.replace(tmp(latest_path), latest_path)
+        os.replace(self._tmp(latest), latest_path)
         if not self.cfg.keep_previous and committed_slot is not None:
             prev_path.unlink(missing_ok=True)
         return "latest"

@@ -44,8 +44,9 @@ def rank_name(slot: str, rank: int) -> str:
     return f"{slot}_rank{rank}.pt"
 
 
-def tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
+def tmp(path: Path, epoch: int | None = None) -> Path:
+    """The name a file is written under before its commit; with the lease epoch, unique to one start."""
+    return path.with_name(path.name + ("" if epoch is None else f".e{epoch}") + ".tmp")
 
 
 @dataclass(frozen=True)
@@ -155,15 +156,17 @@ class Manifest:
     world_size: int
     files: dict[str, FileSum]
     name: str = ""
+    epoch: int = 0
+    """The run lease's epoch the save was committed under (0: written before leases existed)."""
 
     def lists(self, role: str, checksum: FileSum) -> bool:
         return self.files.get(role) == checksum
 
 
-def write_manifest(folder: Path, step: int, world_size: int, files: dict[str, FileSum]) -> Path:
+def write_manifest(folder: Path, step: int, world_size: int, files: dict[str, FileSum], epoch: int = 0) -> Path:
     """Durably write a new manifest; returns its path."""
     path = folder / f"manifest-{step}-{secrets.token_hex(4)}.json"
-    body = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size,
+    body = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size, "epoch": epoch,
             "files": {role: asdict(s) for role, s in files.items()}}
     with open(tmp(path), "w") as f:
         json.dump(body, f, indent=1)
@@ -183,7 +186,8 @@ def read_manifests(folder: Path) -> tuple[list[Manifest], list[str]]:
         try:
             body = json.loads(path.read_text())
             files = {role: FileSum(s["sha256"], int(s["bytes"])) for role, s in body["files"].items()}
-            manifests.append(Manifest(int(body["step"]), int(body["world_size"]), files, path.name))
+            manifests.append(Manifest(int(body["step"]), int(body["world_size"]), files, path.name,
+                                      int(body.get("epoch", 0))))
         except (OSError, ValueError, KeyError, TypeError):
             unreadable.append(path.name)
     return manifests, unreadable

@@ -52,8 +52,8 @@ def _refusal(error: Exception) -> str:
 class _Inspector:
     """Verifies each file once; collects a Finding for every file that is not usable."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, ceilings: dict[int, int] | None = None):
+        self.folder, self.ceilings = folder, ceilings or {}
         self.manifests, unreadable = read_manifests(folder)
         self.findings = [Finding(name, "manifest is unreadable") for name in unreadable]
         self._seen: dict[str, tuple[int, int] | None] = {}
@@ -86,6 +86,11 @@ class _Inspector:
             listed = [m for m in same_step if m.lists(role, checksum)]
             if version != FORMAT_VERSION:
                 reason = f"written in checkpoint format {version}; this prefix reads format {FORMAT_VERSION}"
+            elif listed and step > self.ceilings.get(listed[0].epoch, step):
+                self.findings.append(Finding(name, f"committed under lease epoch {listed[0].epoch} after a later "
+                                             f"start resumed from step {self.ceilings[listed[0].epoch]}: written "
+                                             "by a start that had been taken over; ignored", unusable=False))
+                return None
             elif listed:
                 shards = state.get("sharded")  # the folder of a sharded checkpoint: verified whole, or unusable
                 if shards:
@@ -102,11 +107,15 @@ class _Inspector:
         return None
 
 
-def choose(folder: Path, world_size: int) -> tuple[Resume | None, list[Finding]]:
-    """The newest usable step for `world_size` ranks (those beyond the saved world start fresh)."""
+def choose(folder: Path, world_size: int, ceilings: dict[int, int] | None = None
+           ) -> tuple[Resume | None, list[Finding]]:
+    """The newest usable step for `world_size` ranks (those beyond the saved world start fresh).
+
+    `ceilings` (lease epoch → step, `prefix.runs.lease.ceilings`): a checkpoint committed under an older
+    epoch past the step a later epoch resumed from is a fenced start's, and is passed over."""
     if not folder.is_dir():
         return None, []
-    inspector = _Inspector(folder)
+    inspector = _Inspector(folder, ceilings)
     for slot in SLOTS:
         found = inspector.check(global_name(slot), "global")
         if found is None:

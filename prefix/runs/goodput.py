@@ -3,7 +3,8 @@
 Rank 0 keeps a ledger per start (`metrics/time.jsonl`): one `start` line (the process's creation
 time and when the loop began) and, at every logged step and at the end, the seconds spent since
 the previous line training, evaluating and checkpointing. `account()` reads the ledger of every
-start and splits the time the job held its machines into start-up, productive training (steps
+start and splits the time the job held its machines into start-up, waiting for the run's lease (another start
+still held it: flushing its final checkpoint, or killed and not yet lapsed), productive training (steps
 that were kept), training redone (steps past the checkpoint the next start resumed from),
 evaluation, checkpoint stalls and the rest (logging, waiting on peers): the parts sum to the wall
 time by construction, and the rest should stay small. Time between starts (a pod pending) is
@@ -25,14 +26,14 @@ import psutil
 from prefix.runs import read_jsonl
 
 SPENT = ("train", "eval", "checkpoint")
-PARTS = ("startup", "productive", "redone", "eval", "checkpoint", "other")
+PARTS = ("startup", "lease", "productive", "redone", "eval", "checkpoint", "other")
 
 
 class Ledger:
     """This start's time, by activity; `write(values)` appends a line (rank 0's metrics)."""
 
-    def __init__(self, write: Any, restart: int):
-        self._write, self.restart = write, restart
+    def __init__(self, write: Any, restart: int, lease_wait_s: float = 0.0):
+        self._write, self.restart, self.lease_wait_s = write, restart, lease_wait_s
         self._spent = dict.fromkeys(SPENT, 0.0)
 
     @contextmanager
@@ -45,7 +46,7 @@ class Ledger:
 
     def opened(self, step: int) -> None:
         self._write(step, {"event": "start", "restart": self.restart,
-                           "process_start": psutil.Process().create_time()})
+                           "process_start": psutil.Process().create_time(), "lease_wait": self.lease_wait_s})
 
     def flush(self, step: int) -> None:
         self._write(step, {"restart": self.restart, **self._spent})
@@ -69,7 +70,9 @@ def account(metrics: Path) -> dict[str, Any]:
         start = starts[restart]
         kept_until = starts[order[i + 1]]["step"] if i + 1 < len(order) else float("inf")
         end = max([start["time"], *(line["time"] for line in lines[restart])])
-        parts["startup"] += start["time"] - start["process_start"]
+        waited = float(start.get("lease_wait") or 0.0)
+        parts["lease"] += waited
+        parts["startup"] += start["time"] - start["process_start"] - waited
         step = start["step"]
         for line in lines[restart]:
             steps = line["step"] - step

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,10 @@ class RunManager:
         self.state: dict[str, Any] = {}
         self.metrics = Metrics(run_dir.metrics, enabled=main, tensorboard=tensorboard, tb_folder=run_dir.tb)
         self._writer: Writer | None = None
+        self.guard: Callable[[], None] = lambda: None
+        """Called before every write into the run (the lease's fence: exits if another start took over)."""
+        self.lease_wait_s = 0.0
+        """Seconds this start waited for the run's lease (counted in the goodput ledger)."""
 
     @classmethod
     def open(cls, registry: Registry, experiment: str, run_name: str, resume: bool = True,
@@ -81,6 +86,7 @@ class RunManager:
 
         Returns the number of restarts before this start.
         """
+        self.guard()
         previous = self.dir.state()
         starts = self.dir.starts()
         entry = {"time": time.time(), "start_step": start_step, "world_size": world_size,
@@ -112,12 +118,14 @@ class RunManager:
         if format not in ("json", "yaml"):
             raise UserError(f"log_metadata: format {format!r} is not json or yaml; pick one of those")
         text = yaml.safe_dump(obj, sort_keys=False) if format == "yaml" else json.dumps(obj, indent=2, default=str)
+        self.guard()
         path = self.dir.meta / f"{name}.{format}"
         write_atomically(path, text)
         return path
 
     def log_metrics(self, split: str, step: int, values: dict[str, Any]) -> None:
         """Append to metrics/<split>.jsonl (and TensorBoard); a train line also moves the run's step."""
+        self.guard()
         self.metrics.write(split, step, **values)
         if self.main and split == "train" and self.state:
             self.update(step=step)
@@ -141,6 +149,7 @@ class RunManager:
             self._writer = None
 
     def _save(self) -> None:
+        self.guard()
         try:
             write_atomically(self.dir.meta / "run.json", json.dumps(self.state, indent=2))
         except OSError as e:  # a full disk shows up in the checkpoint path, which decides what happens
