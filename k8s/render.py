@@ -4,7 +4,8 @@
     python k8s/render.py job.yaml --run-name r1 --image reg/prefix:tag --gpus 8 [-- ARGS...]
     python k8s/render.py job-multinode.yaml --run-name r1 --image reg/prefix:tag --gpus 8 --nodes 2 [-- ARGS...]
 
-ARGS go to `python -m prefix.train` after `--run-name` (e.g. `--config configs/demo.yaml trainer.max_steps=5000`).
+ARGS go to `python -m prefix.train` after `--run-name` (e.g. `--config configs/demo.yaml trainer.max_steps=5000`),
+which the pods start with `exec prefix launch` (torchrun, with exit codes the Job's podFailurePolicy acts on).
 The templates hold `${NAME}` placeholders (string.Template); the output is parsed with PyYAML before it
 is printed. Bad input: one `error: ...` line on stderr and exit code 2. Standard library + PyYAML only.
 """
@@ -24,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 # A Kubernetes DNS-1035 label: the Job, the Service and the pods' host names are all built from it.
 K8S_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?")
-FLUSH_SECONDS = 15  # between torchrun's SIGKILL of its workers and the kubelet's SIGKILL of torchrun
+FLUSH_SECONDS = 15  # between torchrun's SIGKILL of its workers and the kubelet's SIGKILL of the pod
 FLAGS = {"RUN_NAME": "--run-name", "IMAGE": "--image", "GPUS": "--gpus", "NODES": "--nodes"}
 
 

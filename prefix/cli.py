@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 import prefix
-from prefix.errors import exit_code_of
+from prefix.errors import EXIT_USER, exit_code_of, record_exit
 
 COMMANDS = {"train": ("prefix.train", "train a model, resuming the run if it exists"),
             "runs": ("prefix.tools.runs", "list the runs under the runs root: status, step, restarts"),
@@ -27,7 +27,9 @@ COMMANDS = {"train": ("prefix.train", "train a model, resuming the run if it exi
             "chaos": ("prefix.tools.chaos", "kill a 2-rank run at random until it completes; compare with an "
                                             "uninterrupted one"),
             "simulate": ("prefix.tools.simulate", "run the Kubernetes Job's container command here and play "
-                                                  "preemptions and reschedules")}
+                                                  "preemptions and reschedules"),
+            "launch": ("prefix.tools.launch", "run torchrun as a pod's PID 1 and exit with the code a Job can act "
+                                              "on (2: do not retry)")}
 """name → (module with arguments() and run(), one-line help)."""
 
 
@@ -36,7 +38,8 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
-        sys.exit(2)
+        record_exit(EXIT_USER)  # a worker under `prefix launch` ends here, not through exit_promptly
+        sys.exit(EXIT_USER)
 
 
 def command_parser(prog: str, description: str | None, arguments: Callable[[Parser], None]) -> Parser:
@@ -64,7 +67,15 @@ def parser() -> tuple[Parser, dict[str, Parser]]:
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse with `section.key=value` overrides allowed anywhere, also after flags (`... --run-name x k=v`)."""
+    """Parse with `section.key=value` overrides allowed anywhere, also after flags (`... --run-name x k=v`).
+
+    A command whose default `verbatim` names an argument gets all of its arguments there unparsed
+    (`prefix launch --nproc-per-node=2 -m prefix.train --help`), unless the first is -h/--help."""
+    verbatim = p.get_default("verbatim")
+    if verbatim and argv and argv[0] not in ("-h", "--help"):
+        args = p.parse_args([])
+        setattr(args, verbatim, list(argv))
+        return args
     args, extra = p.parse_known_args(argv)
     if extra and isinstance(getattr(args, "overrides", None), list):
         unknown = [a for a in extra if a.startswith("-") or "=" not in a]

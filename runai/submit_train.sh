@@ -21,8 +21,10 @@ usage() {
 usage: runai/submit_train.sh --run-name NAME --project PROJECT --image IMAGE --pvc CLAIM
                              [options] [-- PREFIX_TRAIN_ARGS...]
 
-Submit `torchrun -m prefix.train --run-name NAME PREFIX_TRAIN_ARGS...` to Run:ai. The PVC CLAIM is
-mounted at /home/apluser/runs (PREFIX_RUNS_ROOT); submitting the same NAME again resumes the run.
+Submit `prefix launch ... -m prefix.train --run-name NAME PREFIX_TRAIN_ARGS...` (torchrun under a
+launcher that exits with the workers' code: 2 a user error, 143 stopped after the final checkpoint)
+to Run:ai. The PVC CLAIM is mounted at /home/apluser/runs (PREFIX_RUNS_ROOT); submitting the same
+NAME again resumes the run.
 
 required:
   --run-name NAME       workload and run name: lowercase letters, digits, '-'; starts with a
@@ -158,9 +160,10 @@ for a in "${train_args[@]}"; do
     esac
 done
 
-# ---- the container command: torchrun as PID 1 (bash execs it), so it receives SIGTERM ----
+# ---- the container command: `prefix launch` as PID 1 (bash execs it), so it receives SIGTERM and passes
+# it to torchrun at once; it exits with the workers' code, not torchrun's 1 (docs/cluster.md) ----
 shutdown_timeout=$((grace - SHUTDOWN_MARGIN))
-launch="exec torchrun --nnodes=$nodes --nproc-per-node=$gpus"
+launch="exec prefix launch --nnodes=$nodes --nproc-per-node=$gpus"
 if ((nodes > 1)); then
     # MASTER_ADDR/MASTER_PORT are set by the PyTorchJob operator in every pod; expanded in the pod.
     # shellcheck disable=SC2016

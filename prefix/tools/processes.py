@@ -24,13 +24,18 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 """The source checkout this package runs from (a clone, or an editable install): configs/, k8s/, runai/."""
 
 
-def train_cmd(nproc: int, run_name: str, runs_root: Path, config: Path, *overrides: str) -> list[str]:
-    """torchrun with `nproc` ranks (gloo on the CPU), or one plain `python -m prefix.train` when nproc is 0.
+def train_cmd(nproc: int, run_name: str, runs_root: Path, config: Path, *overrides: str,
+              launcher: bool = False) -> list[str]:
+    """torchrun with `nproc` ranks (gloo on the CPU), or one plain `python -m prefix.train` when nproc is 0;
+    with `launcher`, torchrun under `prefix launch` as the pods run it, whose exit code is the workers'.
 
     The one way the chaos harness, the tests and the benchmarks start training."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    if launcher and not nproc:
+        raise ValueError("`prefix launch` runs torchrun: give nproc > 0")
+    runner = ["-m", "prefix.cli", "launch"] if launcher else ["-m", "torch.distributed.run"]
+    torchrun = [sys.executable, *runner, "--standalone", f"--nproc-per-node={nproc}"]
     entry = ["-m", "prefix.train"] if nproc else [sys.executable, "-m", "prefix.train"]
-    return [*(launcher if nproc else []), *entry, "--config", str(config), "--run-name", run_name,
+    return [*(torchrun if nproc else []), *entry, "--config", str(config), "--run-name", run_name,
             "--runs-root", str(runs_root), *overrides]
 
 

@@ -4,12 +4,13 @@
 `k8s/render.py`) or `runai/submit_train.sh --dry-run` builds it, runs it locally with its
 environment (CPU, gloo; the PVC is a local folder) and plays the cluster until the run exits 0:
 at a random moment after training started, SIGTERM to the PID-1 process (the `bash -c 'exec
-torchrun …'`), the manifest's grace period, SIGKILL of whatever is left; then a reschedule, one of
+prefix launch …'`), the manifest's grace period, SIGKILL of whatever is left; then a reschedule, one of
 - `same-node`: the same command again (a pod restarted on the node it ran on);
 - `new-node`: the same command with an empty local cache (the default corpus is rebuilt);
 - `resubmit`: the command rebuilt by the Run:ai script's dry-run, as a user resubmitting the name.
-It reports preemptions, flushes that finished inside the grace period, steps redone, and whether
-the final weights and per-step losses equal the same command run without interruption.
+It reports preemptions, flushes that finished inside the grace period and the pod's exit code for
+each (a flushed one must exit 143, which the Job's podFailurePolicy does not fail on), steps redone,
+and whether the final weights and per-step losses equal the same command run without interruption.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from prefix.preemption import EXIT_PREEMPTED
 from prefix.tools.chaos import ChaosError, kill_plan, losses, same_weights
 from prefix.tools.processes import Launch, Tail, checkout_file
 
@@ -44,6 +46,15 @@ class Pod:
     command: list[str]
     env: dict[str, str]
     grace: float
+    fail_job: frozenset[int] = frozenset()
+    """Exit codes on which the pod's Job fails without retrying (its podFailurePolicy; Run:ai sets none)."""
+
+
+def policy_codes(job: dict, action: str) -> set[int]:
+    """The container exit codes a Job's podFailurePolicy answers with `action` (FailJob, Ignore, Count)."""
+    rules = job["spec"].get("podFailurePolicy", {}).get("rules", [])
+    return {code for r in rules if r["action"] == action and r.get("onExitCodes", {}).get("operator") == "In"
+            for code in r["onExitCodes"]["values"]}
 
 
 def from_manifest(run_name: str, train_args: list[str]) -> Pod:
@@ -55,7 +66,8 @@ def from_manifest(run_name: str, train_args: list[str]) -> Pod:
     spec = job["spec"]["template"]["spec"]
     (container,) = spec["containers"]
     env = {e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e}
-    return Pod([*container["command"], *container.get("args", [])], env, float(spec["terminationGracePeriodSeconds"]))
+    return Pod([*container["command"], *container.get("args", [])], env, float(spec["terminationGracePeriodSeconds"]),
+               frozenset(policy_codes(job, "FailJob")))
 
 
 def from_submit_script(run_name: str, train_args: list[str]) -> Pod:
@@ -74,6 +86,10 @@ def from_submit_script(run_name: str, train_args: list[str]) -> Pod:
 class Report:
     preemptions: int = 0
     flushed_in_grace: int = 0
+    exit_codes: list[int | None] = field(default_factory=list)
+    """The pod's exit code after each SIGTERM; None: still running at the end of the grace period (SIGKILLed)."""
+    fail_job: list[int] = field(default_factory=list)
+    """Those of the codes on which the pod's Job would have failed for good."""
     reschedules: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESCHEDULES, 0))
     steps_redone: int = 0
     losses_identical: bool = False
@@ -81,14 +97,21 @@ class Report:
     wall_s: float = 0.0
 
     @property
+    def codes_ok(self) -> bool:
+        """Every start that ended inside the grace period exited 143, and none with a code that fails the Job."""
+        return all(c in (None, EXIT_PREEMPTED) for c in self.exit_codes) and not self.fail_job
+
+    @property
     def ok(self) -> bool:
-        return self.losses_identical and self.weights_identical
+        return self.losses_identical and self.weights_identical and self.codes_ok
 
     def __str__(self) -> str:
         yes = {True: "yes", False: "NO"}
+        codes = ", ".join("killed" if c is None else str(c) for c in self.exit_codes) or "-"
         return "\n".join([
             f"preemptions        {self.preemptions}",
             f"flushed in grace   {self.flushed_in_grace}/{self.preemptions}",
+            f"exit codes         {codes}" + (f" (FailJob: {self.fail_job})" if self.fail_job else ""),
             "reschedules        " + ", ".join(f"{k} {n}" for k, n in self.reschedules.items()),
             f"steps redone       {self.steps_redone}",
             f"losses identical   {yes[self.losses_identical]}",
@@ -149,12 +172,17 @@ def play(preemptions: int, seed: int, root: Path, source: str = "job", train_arg
                 finish(launch)
                 break
             launch.proc.send_signal(signal.SIGTERM)  # the kubelet's SIGTERM to PID 1
-            flushed = wait_exit(launch, pod.grace) and any(e["event"] == SAVED for e in launch.events.read())
+            exited = wait_exit(launch, pod.grace)
+            flushed = exited and any(e["event"] == SAVED for e in launch.events.read())
+            code = launch.proc.returncode if exited else None
         report.preemptions += 1
         report.flushed_in_grace += flushed
+        report.exit_codes.append(code)
+        if code in pod.fail_job:
+            report.fail_job.append(code)
         report.reschedules[reschedule] += 1
-        echo(f"preemption {report.preemptions}: {'flushed' if flushed else 'SIGKILLed'} in grace; "
-             f"rescheduled: {reschedule}")
+        echo(f"preemption {report.preemptions}: {'flushed' if flushed else 'SIGKILLed'} in grace, exit "
+             f"{'-' if code is None else code}; rescheduled: {reschedule}")
         if reschedule == "new-node":
             cache = cluster.new_node_cache()
         pod = cluster.pod("sim", resubmitted=reschedule == "resubmit")

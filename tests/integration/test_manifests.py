@@ -21,6 +21,8 @@ import pytest
 import yaml
 from helpers import REPO
 
+from prefix.errors import EXIT_FENCED, EXIT_USER
+
 K8S = REPO / "k8s"
 VENV_BIN = Path(sys.executable).parent
 RUNS_ROOT = "/home/apluser/runs"
@@ -98,10 +100,14 @@ def test_preemption_invariants(template):
     assert isinstance(spec["backoffLimit"], int) and spec["backoffLimit"] > 0
     rules = spec["podFailurePolicy"]["rules"]
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
-    fail = [r for r in rules if r["action"] == "FailJob"]
-    assert [r["onExitCodes"] for r in fail] == [{"containerName": "train", "operator": "In", "values": [2]}]
-    # The Ignore rule comes first: a preempted pod is never counted, whatever its exit code.
-    assert rules[0]["action"] == "Ignore"
+    by_code = {a: [r["onExitCodes"] for r in rules if r["action"] == a and "onExitCodes" in r]
+               for a in ("FailJob", "Ignore")}
+    # `prefix launch`'s codes: a user error fails the Job, a fenced start is replaced without counting;
+    # every other code (143, 124, 1) is retried, counted unless the pod was disrupted.
+    assert by_code == {"FailJob": [{"containerName": "train", "operator": "In", "values": [EXIT_USER]}],
+                       "Ignore": [{"containerName": "train", "operator": "In", "values": [EXIT_FENCED]}]}
+    # The DisruptionTarget rule comes first: a preempted pod is never counted, whatever its exit code.
+    assert rules[0]["action"] == "Ignore" and "onPodConditions" in rules[0]
     c = container(job)
     assert c["name"] == "train"
     shutdown = int(env(c)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
@@ -141,14 +147,14 @@ def test_heartbeat_probes(template):
 
 
 @pytest.mark.parametrize("template", JOBS)
-def test_command_execs_torchrun(template):
+def test_command_execs_the_launcher(template):
     job = job_of(template)
     c = container(job)
     assert "args" not in c
     bash, dash_c, script = c["command"]
     assert (bash, dash_c) == ("bash", "-c")
     words = shlex.split(script)
-    assert words[:2] == ["exec", "torchrun"]
+    assert words[:3] == ["exec", "prefix", "launch"]  # PID 1: gets the SIGTERM, exits with the workers' code
     nodes = 1 if template == "job.yaml" else NODES
     assert f"--nnodes={nodes}" in words and f"--nproc-per-node={GPUS}" in words
     assert ("--standalone" in words) == (nodes == 1)
@@ -242,7 +248,7 @@ def test_dockerfile_uid_matches_manifests():
     assert re.search(r"useradd --uid \"\$\{APL_UID\}\".* apluser\b", text)
     assert re.search(r"^USER \$\{APL_UID\}:\$\{APL_UID\}$", text, re.M)
     assert re.search(r"^WORKDIR /home/apluser/prefix$", text, re.M)
-    assert not re.search(r"^ENTRYPOINT", text, re.M)  # would keep `exec torchrun` from being PID 1
+    assert not re.search(r"^ENTRYPOINT", text, re.M)  # would keep `exec prefix launch` from being PID 1
     assert re.search(r'pip install "torch==2\.13\.0" --index-url', text)
     for template in JOBS:
         sc = job_of(template)["spec"]["template"]["spec"]["securityContext"]

@@ -11,7 +11,11 @@ def test_three_preemptions_of_the_job_command_end_bit_identical(tmp_path):
     assert report.preemptions == 3, "the run finished before every preemption"
     assert report.reschedules == {"same-node": 1, "new-node": 1, "resubmit": 1}
     assert report.flushed_in_grace == 3, "a SIGTERM flush did not finish inside the grace period"
-    assert report.losses_identical and report.weights_identical
+    # `prefix launch` is PID 1: a flushed stop exits 143, not torchrun's 1, and the Job does not fail on it.
+    assert report.exit_codes == [143, 143, 143]
+    fail_job = simulate.from_manifest("sim", ["--config", "configs/tiny.yaml"]).fail_job
+    assert fail_job and not fail_job & set(report.exit_codes) and report.fail_job == []
+    assert report.losses_identical and report.weights_identical and report.ok
 
 
 def test_the_job_and_the_submit_script_build_the_same_local_command():
@@ -20,5 +24,5 @@ def test_the_job_and_the_submit_script_build_the_same_local_command():
     assert job.env["PREFIX_RUNS_ROOT"] == script.env["PREFIX_RUNS_ROOT"] == simulate.PVC_PATH
     assert job.grace == script.grace
     for pod in (job, script):
-        assert pod.command[:2] == ["bash", "-c"] and pod.command[2].startswith("exec torchrun ")
+        assert pod.command[:2] == ["bash", "-c"] and pod.command[2].startswith("exec prefix launch ")
         assert "-m prefix.train --run-name r1 --config configs/tiny.yaml" in pod.command[2]

@@ -49,7 +49,7 @@ def storage() -> list[str]:
 
 def test_dry_run_single_node():
     argv = dry(*BASE, "--", *TRAIN_ARGS)
-    launch = ("exec torchrun --nnodes=1 --nproc-per-node=1 --standalone --shutdown-timeout=105 "
+    launch = ("exec prefix launch --nnodes=1 --nproc-per-node=1 --standalone --shutdown-timeout=105 "
               "-m prefix.train --run-name r42 " + shlex.join(TRAIN_ARGS))
     assert argv[:-1] == ["runai", "training", "submit", "r42", *common(), *storage(),
                          "--large-shm", "--termination-grace-period", "120s", "--backoff-limit", "100",
@@ -69,7 +69,7 @@ def test_dry_run_multi_node_with_every_option():
                          "--node-pools", "h100", "--node-pools", "a100",
                          "--priority", "build", "--command", "--", "bash", "-c"]
     inner = shlex.split(argv[-1])
-    assert inner == ["exec", "torchrun", "--nnodes=4", "--nproc-per-node=8", "--rdzv-backend=c10d",
+    assert inner == ["exec", "prefix", "launch", "--nnodes=4", "--nproc-per-node=8", "--rdzv-backend=c10d",
                      "--rdzv-endpoint=${MASTER_ADDR}:${MASTER_PORT}", "--rdzv-id=r42",
                      "--shutdown-timeout=285", "-m", "prefix.train", "--run-name", "r42", *TRAIN_ARGS]
 
@@ -81,10 +81,10 @@ def test_dry_run_calls_nothing(tmp_path):
     assert shlex.split(r.stdout)[0] == str(STANDIN)
 
 
-def _fake_torchrun(tmp_path: Path) -> Path:
+def _fake_prefix(tmp_path: Path) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fake = bin_dir / "torchrun"
+    fake = bin_dir / "prefix"
     fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
                     "print(json.dumps({'pid': os.getpid(), 'argv': sys.argv[1:], "
                     "'runs_root': os.environ.get('PREFIX_RUNS_ROOT')}))\n")
@@ -93,25 +93,25 @@ def _fake_torchrun(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("nodes", ["1", "3"])
-def test_container_command_execs_torchrun(tmp_path, nodes):
+def test_container_command_execs_the_launcher(tmp_path, nodes):
     """Run the container command as the pod would (env from -e, operator's MASTER_*): the bash
-    process becomes torchrun (same PID: PID 1 in a pod) and receives the expanded arguments."""
+    process becomes `prefix launch` (same PID: PID 1 in a pod) and receives the expanded arguments."""
     argv = dry(*BASE, "--nodes", nodes, "--gpus", "2", "--grace", "60", "--", *TRAIN_ARGS)
     i = argv.index("--command")
     container = argv[i + 2:]
     assert container[:2] == ["bash", "-c"]
     env_pairs = [argv[j + 1] for j, a in enumerate(argv[:i]) if a == "-e"]
     pod_env = {**os.environ, **dict(kv.split("=", 1) for kv in env_pairs),
-               "PATH": f"{_fake_torchrun(tmp_path)}:{os.environ['PATH']}",
+               "PATH": f"{_fake_prefix(tmp_path)}:{os.environ['PATH']}",
                "MASTER_ADDR": "r42-master-0", "MASTER_PORT": "23456"}
     proc = subprocess.Popen(container, env=pod_env, stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=30)
     seen = json.loads(out)
-    assert seen["pid"] == proc.pid, "bash must exec torchrun so that it is PID 1 and gets SIGTERM"
+    assert seen["pid"] == proc.pid, "bash must exec the launcher so that it is PID 1 and gets SIGTERM"
     assert seen["runs_root"] == RUNS
     rdzv = (["--rdzv-backend=c10d", "--rdzv-endpoint=r42-master-0:23456", "--rdzv-id=r42"]
             if nodes != "1" else ["--standalone"])
-    assert seen["argv"] == [f"--nnodes={nodes}", "--nproc-per-node=2", *rdzv, "--shutdown-timeout=45",
+    assert seen["argv"] == ["launch", f"--nnodes={nodes}", "--nproc-per-node=2", *rdzv, "--shutdown-timeout=45",
                             "-m", "prefix.train", "--run-name", "r42", *TRAIN_ARGS]
 
 
