@@ -3,23 +3,25 @@
 Why a thread: the step loop must not pay for it nor wait on it. A sample costs 1-3 ms of CPU
 (docs/metrics.md), holds the GIL only in short stretches, and touches no RNG, so it cannot change
 what is trained. Each part of a sample is guarded on its own: a part that fails is
-logged once and left out of the line, the others go on, and nothing escapes the thread.
+logged once and left out of the line, the others go on, and nothing escapes the thread. Lines go
+through an Appender (prefix.appender): a full volume delays or drops them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import psutil
 import structlog
 import torch
+
+from prefix.appender import Appender, log_report
 
 Scalars = Callable[[str, int, dict[str, float]], None]  # (prefix, step, values), e.g. Metrics.scalars
 
@@ -30,17 +32,21 @@ class SystemSampler:
 
     `step_fn` returns the trainer's step, so lines join with train.jsonl; `scalars` (given a step)
     also receives the values, as `system/<name>` and `network/<name>`. Interval 0: start() does nothing.
+    `before_write` (also `sink.before_write`) is called before every append; what it raises in the
+    sampler's thread is logged once (part `write`) and the line is not written.
     """
 
     def __init__(self, folder: Path, interval_s: float, rank: int, device: torch.device, disk_path: Path,
-                 *, step_fn: Callable[[], int] | None = None, log: Any = None, scalars: Scalars | None = None):
+                 *, step_fn: Callable[[], int] | None = None, log: Any = None, scalars: Scalars | None = None,
+                 before_write: Callable[[], None] | None = None):
         self.folder, self.interval_s, self.rank = folder, interval_s, rank
         self.device, self.disk_path = device, disk_path
         self.step_fn, self.scalars = step_fn, scalars
         self.log = log if log is not None else structlog.get_logger()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._files: dict[str, TextIO] = {}
+        self.sink = Appender("system metrics", log_report(self.log), before_write=before_write)
+        self._files: dict[str, str] = {}  # kind → file, while started
         self._failed: set[str] = set()  # parts already logged as failing: logged once
         self._process = psutil.Process()
         self._children: dict[psutil.Process, psutil.Process] = {}  # kept: cpu_percent needs the last call
@@ -52,10 +58,8 @@ class SystemSampler:
         if self.interval_s <= 0 or self._thread is not None:
             return self
         self._stop.clear()
-        self.folder.mkdir(parents=True, exist_ok=True)
         suffix = "" if self.rank == 0 else f"_rank{self.rank}"
-        for kind in ("system", "network"):
-            self._files[kind] = open(self.folder / f"{kind}{suffix}.jsonl", "a", buffering=1)
+        self._files = {kind: f"{self.folder}/{kind}{suffix}.jsonl" for kind in ("system", "network")}
         self._thread = threading.Thread(target=self._run, name="prefix-system-sampler", daemon=True)
         self._thread.start()
         return self
@@ -66,10 +70,8 @@ class SystemSampler:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        for f in self._files.values():
-            with contextlib.suppress(OSError):  # a full disk must not turn an exit code into a crash
-                f.close()
         self._files.clear()
+        self.sink.close()
 
     def __enter__(self) -> SystemSampler:
         return self.start()
@@ -96,8 +98,8 @@ class SystemSampler:
         network = self._guard("network", self._network) or {}
         for kind, values in (("system", system), ("network", network)):
             file = self._files.get(kind)
-            if values and file is not None and not file.closed:
-                self._guard("write", file.write, json.dumps({**head, **values}) + "\n")
+            if values and file is not None:
+                self._guard("write", self.sink.append, file, json.dumps({**head, **values}))
             if values and self.scalars is not None and step is not None:
                 self._guard("tensorboard", self.scalars, kind, step, values)
 

@@ -4,21 +4,26 @@ Logs go through structlog: JSON lines in `logs/rank{r}.jsonl` for machines, read
 stderr for people (rank 0 only, other ranks show warnings and errors). Metrics are JSON lines in
 `metrics/<split>.jsonl`, each with `step` and a wall-clock `time`, written by rank 0, and
 optionally TensorBoard events in `tb/` (docs/metrics.md). On a terminal, rank 0 also shows a
-progress bar; in a pod (stderr is no terminal) there are log lines only.
+progress bar; in a pod (stderr is no terminal) there are log lines only. Both files are appended
+through an `Appender`, so a full or failing volume costs log lines, never training.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import numbers
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import structlog
+
+from prefix.appender import Appender, log_report
 
 
 class _Console:
@@ -43,41 +48,65 @@ _UNDER_BAR = {"step"}
 
 
 class _Tee:
-    """Final structlog processor: append JSON to a file, return a console line for stderr."""
+    """Final structlog processor: append JSON to a file, return a console line for stderr.
 
-    def __init__(self, file: TextIO | None, console_level: int):
-        self.file = file
-        self.console_level = console_level
+    The file's own failures cannot be logged through structlog (they would come back here): they
+    are printed on stderr and queued as JSON lines behind the lines they held up.
+    """
+
+    def __init__(self, path: str | None, rank: int, console_level: int):
+        self.path, self.rank, self.console_level = path, rank, console_level
         self.json = structlog.processors.JSONRenderer()
         self.console = structlog.dev.ConsoleRenderer(colors=False)
+        self.stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+        self.sink = Appender("logs", self._report) if path is not None else None
 
     def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> str:
-        if self.file is not None:
-            self.file.write(self.json(logger, method, dict(event)) + "\n")
-            self.file.flush()
+        if self.sink is not None:
+            self.sink.append(self.path, self.json(logger, method, dict(event)))
         if logging.getLevelName(method.upper()) < self.console_level:
             raise structlog.DropEvent
         if _console.bar is not None and event.get("event") in _UNDER_BAR:
             raise structlog.DropEvent
         return self.console(logger, method, event)
 
+    def _report(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        entry = self.stamp(None, level, {"event": event, **fields, "rank": self.rank, "level": level})
+        if logging.getLevelName(level.upper()) >= self.console_level:
+            _console.write(self.console(None, level, dict(entry)) + "\n")
+            _console.flush()
+        self.sink.append(self.path, self.json(None, level, entry))
+
+
+_tee: _Tee | None = None
+
 
 def setup_logging(rank: int, log_dir: Path | None = None) -> structlog.stdlib.BoundLogger:
-    """Configure structlog for this process; call again once the run directory exists."""
-    file = None
-    if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        file = open(log_dir / f"rank{rank}.jsonl", "a", buffering=1)
+    """Configure structlog for this process; call again once the run directory exists.
+
+    The log file is closed (what waits in its backlog written if it can be) when this is called
+    again and at exit."""
+    global _tee
+    if _tee is not None and _tee.sink is not None:
+        _tee.sink.close()
+    _tee = _Tee(f"{log_dir}/rank{rank}.jsonl" if log_dir is not None else None, rank,
+                logging.INFO if rank == 0 else logging.WARNING)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _Tee(file, logging.INFO if rank == 0 else logging.WARNING),
+            _tee,
         ],
         logger_factory=structlog.PrintLoggerFactory(_console),
         cache_logger_on_first_use=False,
     )
     return structlog.get_logger().bind(rank=rank)
+
+
+@atexit.register
+def _close_log() -> None:
+    if _tee is not None and _tee.sink is not None:
+        _tee.sink.close()
 
 
 class Progress:
@@ -163,24 +192,31 @@ class Metrics:
     """Appends metric records to `metrics/<split>.jsonl` (only where enabled: rank 0).
 
     With `tensorboard` (and the tensorboard package installed), every numeric value also becomes
-    the scalar `<split>/<name>` at `step` in `tb_folder` (default: `tb/` beside `metrics/`).
+    the scalar `<split>/<name>` at `step` in `tb_folder` (default: `tb/` beside `metrics/`). Lines go
+    through an Appender: a full volume delays or drops them, never raises; `before_write` (settable
+    later) is called before every append.
     """
 
-    def __init__(self, folder: Path, enabled: bool, tensorboard: bool = False, tb_folder: Path | None = None):
+    def __init__(self, folder: Path, enabled: bool, tensorboard: bool = False, tb_folder: Path | None = None,
+                 before_write: Callable[[], None] | None = None):
         self.folder = folder
         self.enabled = enabled
-        self._files: dict[str, TextIO] = {}
+        self.sink = Appender("metrics", log_report(), before_write=before_write)
         writer_class = _summary_writer() if enabled and tensorboard else None
         self._tb = _TensorBoard(tb_folder or folder.parent / "tb", writer_class) if writer_class else None
+
+    @property
+    def before_write(self) -> Callable[[], None] | None:
+        return self.sink.before_write
+
+    @before_write.setter
+    def before_write(self, hook: Callable[[], None] | None) -> None:
+        self.sink.before_write = hook
 
     def write(self, split: str, step: int, **values: Any) -> None:
         if not self.enabled:
             return
-        if split not in self._files:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._files[split] = open(self.folder / f"{split}.jsonl", "a", buffering=1)
-        record = {"step": step, "time": time.time(), **values}
-        self._files[split].write(json.dumps(record) + "\n")
+        self.sink.append(f"{self.folder}/{split}.jsonl", json.dumps({"step": step, "time": time.time(), **values}))
         self.scalars(split, step, values)
 
     def starting_at(self, step: int) -> None:
@@ -194,8 +230,6 @@ class Metrics:
             self._tb.scalars(prefix, step, values)
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        self.sink.close()
         if self._tb is not None:
             self._tb.close()

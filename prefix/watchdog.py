@@ -70,7 +70,7 @@ class Watchdog:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
-        self._heartbeat_failed = False
+        self._heartbeat_warned = self._heartbeat_failing = False
 
     def start(self, step: int | None = None) -> None:
         """Arm the watchdog (before the first step, so a hang in it is caught); `step` also beats."""
@@ -88,9 +88,15 @@ class Watchdog:
             try:
                 write_heartbeat(self.logs, step)
             except OSError as e:  # a probe may then restart us, but training must not stop for it
-                if not self._heartbeat_failed:
-                    self._heartbeat_failed = True
-                    self.log.warning("heartbeat not written; training goes on", error=str(e))
+                if not self._heartbeat_warned:  # once per process: a nearly full volume may come and go
+                    self._heartbeat_warned = True
+                    self.log.warning("heartbeat not written; training goes on, retried every step",
+                                     file=str(self.logs / HEARTBEAT), error=f"{type(e).__name__}: {e}")
+                self._heartbeat_failing = True
+            else:
+                if self._heartbeat_failing:
+                    self._heartbeat_failing = False
+                    self.log.info("heartbeat written again", step=step)
 
     def stop(self) -> None:
         """After this returns the watchdog never fires (it may exit the process while this waits)."""
