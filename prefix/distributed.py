@@ -65,6 +65,26 @@ def _env_int(name: str, default: int) -> int:
                         "so unset it or launch with torchrun") from None
 
 
+class PeerLost(Exception):
+    """A collective waited `distributed.timeout_s` for a peer (frozen, partitioned or gone)."""
+
+
+_TIMEOUT = timedelta(seconds=600)
+
+
+def timeout() -> timedelta:
+    """The collective timeout the process group was created with (for groups made later)."""
+    return _TIMEOUT
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether `error` is a collective (or its store) giving up on a peer, rather than a bug."""
+    text = str(error)
+    return isinstance(error, (RuntimeError, dist.DistError)) and any(
+        marker in text for marker in ("Timed out", "timed out", "Timeout", "Connection closed by peer",
+                                      "Connection reset by peer", "Broken pipe"))
+
+
 def init(device_preference: str = "auto", timeout_s: float = 600, always_group: bool = False) -> World:
     """Read torchrun's environment and join the process group (nccl on CUDA, gloo otherwise).
 
@@ -82,6 +102,8 @@ def init(device_preference: str = "auto", timeout_s: float = 600, always_group: 
         # gradient all-reduce cannot run on MPS tensors (pytorch/pytorch#160732).
         raise UserError(f"trainer.device: mps runs one process, not {world_size}; launch without torchrun "
                         "(or --nproc-per-node 1), or use trainer.device=cpu for several ranks")
+    global _TIMEOUT
+    _TIMEOUT = timedelta(seconds=timeout_s)
     if (world_size > 1 or always_group) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"  # gloo: CPU (and MPS laptops, one process)
         alone = {} if world_size > 1 or not missing else {"store": dist.HashStore(), "rank": 0, "world_size": 1}

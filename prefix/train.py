@@ -103,10 +103,12 @@ def start(args: argparse.Namespace, cfg: Any, world: Any, run_dir: Any, root: Pa
     from prefix.state import TrainState
     from prefix.system_metrics import SystemSampler
     from prefix.telemetry import setup_logging
+    from prefix.watchdog import EXIT_HUNG
 
     run = RunManager(run_dir, args.experiment or stem, Registry(root) if world.is_main else None, log,
                      main=world.is_main, tensorboard=cfg.telemetry.tensorboard, relabel=args.experiment is not None)
-    run.guard, run.lease_wait_s = lease.check, lease.waited_s
+    run.guard, run.lease_wait_s, run.lease_epoch = lease.check, lease.waited_s, lease.epoch
+    run.metrics.before_write = lease.check
     checkpointer = Checkpointer(run_dir.checkpoints, world, cfg.checkpoint, sharded_saves=fsdp, epoch=lease.epoch)
     checkpointer.guard = lease.check
     choice, findings = checkpointer.find(ceilings(run_dir.path) if world.is_main else {})
@@ -179,11 +181,15 @@ def start(args: argparse.Namespace, cfg: Any, world: Any, run_dir: Any, root: Pa
         if world.is_main or cfg.telemetry.all_ranks:
             sampler = SystemSampler(run_dir.metrics, cfg.telemetry.system_every_s, world.rank, world.device,
                                     run_dir.path, step_fn=lambda: trainer.step, log=log,
-                                    scalars=run.metrics.scalars).start()
+                                    scalars=run.metrics.scalars, before_write=lease.check).start()
         exit_code = trainer.fit()
         return exit_code
     except UserError as e:
         exit_code = e.exit_code
+        raise
+    except Exception as e:
+        if distributed.peer_lost(e):
+            exit_code = EXIT_HUNG
         raise
     finally:
         if sampler is not None:
@@ -213,8 +219,30 @@ def run(args: argparse.Namespace) -> int:
         return train(args)
     except UserError as e:
         return report(e, quiet=rank != 0 and e.same_on_every_rank)
+    except Exception as e:
+        if not distributed.peer_lost(e):
+            raise
+        return lost_peer(e, rank)
     finally:
         distributed.shutdown()
+
+
+def lost_peer(error: Exception, rank: int) -> int:
+    """A collective gave up on a peer: one line, and the hang's exit code, which a Job retries."""
+    import sys
+
+    import structlog
+
+    from prefix import distributed
+    from prefix.watchdog import EXIT_HUNG
+
+    seconds = distributed.timeout().total_seconds()
+    said = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    structlog.get_logger().error("a peer did not answer; exiting", timeout_s=seconds, error=said, exit_code=EXIT_HUNG)
+    print(f"error: rank {rank}: a peer did not answer within distributed.timeout_s={seconds:g} s (a frozen, "
+          f"partitioned or lost node: {said[:200]}); exiting {EXIT_HUNG} so the job restarts from the last "
+          "checkpoint", file=sys.stderr, flush=True)
+    return EXIT_HUNG
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from prefix import distributed, sharding
+from prefix.appender import Appender, log_report
 from prefix.checkpoint import Checkpointer, SaveResult, rng_state
 from prefix.checkpoint.interval import AutoInterval
 from prefix.checkpoint.policy import Boundary, Save
@@ -63,8 +64,10 @@ class Trainer:
         self.peak_flops = peak_flops(world.device)
         self.ledger = Ledger(partial(run.log_metrics, "time"), restart=run.state.get("restarts", 0),
                              lease_wait_s=run.lease_wait_s)
-        self.samples = open(run_dir.metrics / f"samples_rank{world.rank}.jsonl", "a") \
+        # the sample audit (every rank): through an Appender, so a full volume costs lines, never the run
+        self.samples = Appender("samples", log_report(log), before_write=run.guard) \
             if cfg.data.record_samples else None
+        self.samples_file = run_dir.metrics / f"samples_rank{world.rank}.jsonl"
         self.log = log
         self.accum = train.accum
         self.step = 0
@@ -77,6 +80,7 @@ class Trainer:
         self.data_wait = 0.0  # seconds spent waiting for batches since the last log line
         # watchdog: hang detection on every rank, heartbeat file on rank 0 (prefix/watchdog.py)
         self.watchdog = Watchdog(cfg.watchdog.timeout_s, run_dir.logs, world.rank, log)
+        self.watchdog.before_write = run.guard  # the heartbeat: only while this start holds the run
         self.interval: AutoInterval | None = None  # with checkpoint.every_seconds: auto
         if world.is_main:
             log.info("fast path", device=str(world.device), precision="bf16" if self.amp_dtype else "fp32",
@@ -281,9 +285,8 @@ class Trainer:
         self.step += 1
         self.tokens_seen += self.cfg.trainer.global_batch_size * self.cfg.model.seq_len
         if self.samples:
-            self.run.guard()
-            self.samples.write(json.dumps({"step": self.step, "epoch": self.train.epoch, "indices": indices}) + "\n")
-            self.samples.flush()
+            self.samples.append(self.samples_file, json.dumps({"step": self.step, "epoch": self.train.epoch,
+                                                               "indices": indices, "lease_epoch": self.run.lease_epoch}))
         return loss_sum / self.accum
 
     def finite(self, loss: torch.Tensor) -> bool:

@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,8 @@ class Watchdog:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        self.before_write: Callable[[], None] | None = None
+        """Called before each heartbeat write (the run lease's fence)."""
         self._heartbeat_warned = self._heartbeat_failing = False
 
     def start(self, step: int | None = None) -> None:
@@ -85,6 +88,8 @@ class Watchdog:
         """A step finished: progress for the watchdog and, on rank 0, a new heartbeat file."""
         self.step, self._last = step, time.monotonic()
         if self.rank == 0:
+            if self.before_write is not None:
+                self.before_write()
             try:
                 write_heartbeat(self.logs, step)
             except OSError as e:  # a probe may then restart us, but training must not stop for it

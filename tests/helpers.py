@@ -19,9 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
 
-def train_cmd(nproc: int, run_name: str, runs_root: Path, *overrides: str, config: Path = TINY) -> list[str]:
-    """torchrun with `nproc` ranks, or a plain `python -m prefix.train` when nproc is 0."""
-    return processes.train_cmd(nproc, run_name, runs_root, config, *overrides)
+def train_cmd(nproc: int, run_name: str, runs_root: Path, *overrides: str, config: Path = TINY,
+              launcher: bool = False) -> list[str]:
+    """torchrun with `nproc` ranks (under `prefix launch` with `launcher`: the workers' exit code), or a plain
+    `python -m prefix.train` when nproc is 0."""
+    return processes.train_cmd(nproc, run_name, runs_root, config, *overrides, launcher=launcher)
 
 
 class Launch:

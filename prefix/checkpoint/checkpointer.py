@@ -116,7 +116,8 @@ class Checkpointer:
         if sharded_saves:
             import torch.distributed as dist
 
-            self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+            self._group = dist.new_group(backend="gloo", timeout=distributed.timeout()) \
+                if dist.is_initialized() else None
 
     # -- resume -------------------------------------------------------------------------
     def find(self, ceilings: dict[int, int] | None = None) -> tuple[Resume | None, list[Finding]]:

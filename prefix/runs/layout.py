@@ -57,8 +57,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def write_atomically(path: Path, text: str) -> None:
     """Replace `path` so that a reader (a probe, `prefix status`) never sees half of it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full volume: no half-written file left beside the real one
+        raise
 
 
 def check_run_name(name: str) -> str:

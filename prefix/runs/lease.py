@@ -22,6 +22,7 @@ and later), atomic rename, close-to-open consistency, and attribute caches short
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -250,6 +251,9 @@ class Lease:
         print(f"error: fenced: the run's lease was taken over by {by} while this start (epoch {self.epoch}) "
               f"was frozen or cut off; it stops without writing (exit {EXIT_FENCED})", file=sys.stderr, flush=True)
         record_exit(EXIT_FENCED)
+        for child in psutil.Process().children(recursive=True):  # data workers: they would outlive an _exit
+            with contextlib.suppress(psutil.Error):
+                child.kill()
         os._exit(EXIT_FENCED)
 
     def note_resume(self, step: int) -> None:

@@ -52,6 +52,8 @@ class RunManager:
         """Called before every write into the run (the lease's fence: exits if another start took over)."""
         self.lease_wait_s = 0.0
         """Seconds this start waited for the run's lease (counted in the goodput ledger)."""
+        self.lease_epoch = 0
+        """The run lease's epoch of this start (one more than the start before), on every rank."""
 
     @classmethod
     def open(cls, registry: Registry, experiment: str, run_name: str, resume: bool = True,
@@ -94,8 +96,11 @@ class RunManager:
         if starts:
             entry["previous_end"] = PREVIOUS_END.get(previous.get("status"), UNKNOWN_END)
             entry["steps_redone"] = max(0, last_step_seen(self.dir, previous) - start_step)
-        with open(self.dir.meta / "starts.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        try:
+            with open(self.dir.meta / "starts.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        except OSError as e:  # a full volume costs the start's record, not the run (checkpoints decide)
+            self.log.warning("meta/starts.jsonl not written; training goes on", error=str(e))
         self.log_metadata(config, "config", format="yaml")
         self.log_metadata(environment.snapshot(world_size), "environment")
         self.log_metadata(environment.code_version(), "code")
@@ -120,7 +125,11 @@ class RunManager:
         text = yaml.safe_dump(obj, sort_keys=False) if format == "yaml" else json.dumps(obj, indent=2, default=str)
         self.guard()
         path = self.dir.meta / f"{name}.{format}"
-        write_atomically(path, text)
+        try:
+            write_atomically(path, text)
+        except OSError as e:
+            self.log.warning(f"meta/{name}.{format} not written; training goes on", error=str(e))
+            return None
         return path
 
     def log_metrics(self, split: str, step: int, values: dict[str, Any]) -> None:

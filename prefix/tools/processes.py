@@ -77,16 +77,26 @@ class ProcessTree:
                     todo.append(child.pid)
         return len(self.procs) > known
 
-    def kill(self, timeout: float = 30) -> None:
-        """SIGSTOP the known processes at once, then new ones until none appears (a stopped process cannot
-        fork), then SIGKILL all: one instant cut, as when a node dies. Returns once all are gone, so no
-        write of theirs can land after the next start began. psutil refuses pids reused by others."""
+    def stop(self) -> None:
+        """SIGSTOP every process, new ones too until none appears: the start is frozen, as a partitioned or
+        paused node is (its lease then lapses); `resume` wakes it."""
         stopped: set[int] = set()
         while len(stopped) < len(self.procs) or self.refresh():
             for p in [p for p in self.procs.values() if p.pid not in stopped]:
                 with suppress(psutil.Error):
                     p.send_signal(signal.SIGSTOP)
                 stopped.add(p.pid)
+
+    def resume(self) -> None:
+        for p in self.procs.values():
+            with suppress(psutil.Error):
+                p.send_signal(signal.SIGCONT)
+
+    def kill(self, timeout: float = 30) -> None:
+        """SIGSTOP the known processes at once, then new ones until none appears (a stopped process cannot
+        fork), then SIGKILL all: one instant cut, as when a node dies. Returns once all are gone, so no
+        write of theirs can land after the next start began. psutil refuses pids reused by others."""
+        self.stop()
         for p in self.procs.values():
             with suppress(psutil.Error):
                 p.send_signal(signal.SIGKILL)
@@ -119,8 +129,8 @@ class Launch:
     """One start in a session of its own, as a pod's PID 1, and what it appends to the run directory.
     Leaving the `with` block kills whatever is left, so an interrupted harness leaves no process behind."""
 
-    def __init__(self, cmd: list[str], run_dir: Path, env: dict[str, str] | None = None):
-        self.log, self.checkpoints = run_dir.parent / f"{run_dir.name}.log", run_dir / "checkpoints"
+    def __init__(self, cmd: list[str], run_dir: Path, env: dict[str, str] | None = None, log: Path | None = None):
+        self.log, self.checkpoints = log or run_dir.parent / f"{run_dir.name}.log", run_dir / "checkpoints"
         self.train, self.evals = (Tail(run_dir / "metrics" / f"{s}.jsonl") for s in ("train", "eval"))
         self.events = Tail(run_dir / "logs" / "rank0.jsonl")
         with open(self.log, "ab") as out:
