@@ -15,7 +15,8 @@ that holds (one line on stderr says which and why):
   N    otherwise, torchrun's own code (1)         a crash or a killed worker; retryable
                                                   (2: torchrun refused its arguments)
 
-SIGTERM, SIGINT, SIGHUP and SIGQUIT (torchrun's $TORCHELASTIC_SIGNALS_TO_HANDLE) go to torchrun as
+torchrun left running LINGER_S after every worker of its node ended (stuck waiting on a frozen peer's
+rendezvous store) is killed, and the workers' codes decide. SIGTERM, SIGINT, SIGHUP and SIGQUIT (torchrun's $TORCHELASTIC_SIGNALS_TO_HANDLE) go to torchrun as
 they arrive, which passes them to the workers; the launcher adds no delay. As PID 1 it also reaps
 the orphans a container leaves to it. Kubernetes podFailurePolicy rules: docs/cluster.md.
 """
@@ -29,7 +30,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+from contextlib import suppress
 from pathlib import Path
+
+import psutil
 
 from prefix.errors import EXIT_DIR, EXIT_FENCED, EXIT_USER, UserError
 from prefix.preemption import EXIT_PREEMPTED
@@ -111,20 +116,57 @@ class Forwarder:
             os.kill(pid, self.pending.pop(0))
 
 
-def supervise(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
+LINGER_S = 15.0
+"""torchrun still alive this long after every worker of this node ended (each with a recorded code) is stuck
+on a lost peer (a frozen node's rendezvous store, which it waits on for minutes): it is killed, and the
+workers' codes decide the exit."""
+
+
+class Workers:
+    """torchrun's worker processes, to tell when every one of them has ended."""
+
+    def __init__(self, torchrun: int):
+        self.torchrun, self.seen, self.ended_at = torchrun, {}, None
+
+    def all_ended_for(self) -> float:
+        """Seconds since the last worker ended (0 while one runs, or before any started)."""
+        with suppress(psutil.Error):
+            for p in psutil.Process(self.torchrun).children():
+                if "resource_tracker" not in " ".join(p.cmdline()):
+                    self.seen.setdefault(p.pid, p)
+        if not self.seen or any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in self.seen.values()):
+            self.ended_at = None
+            return 0.0
+        self.ended_at = self.ended_at or time.monotonic()
+        return time.monotonic() - self.ended_at
+
+
+def supervise(cmd: list[str], env: dict[str, str], records: Path) -> tuple[int, list[str], bool]:
     """Run `cmd` to its end, forwarding signals and reaping any other child (orphans, as PID 1).
 
-    Returns its exit code (-N if signal N killed it) and the names of the signals forwarded."""
+    Returns its exit code (-N if signal N killed it), the names of the signals forwarded, and whether it
+    was killed for lingering after its workers (LINGER_S)."""
     forwarder = Forwarder()
     # A session of its own: a terminal's Ctrl-C reaches torchrun once, through the launcher, not twice.
     child = subprocess.Popen(cmd, env=env, start_new_session=True)
     forwarder.started(child.pid)
+    workers, killed, next_look = Workers(child.pid), False, 0.0
     while True:
-        pid, status = os.waitpid(-1, 0)  # an orphan's pid is reaped and passed over
+        pid, status = os.waitpid(-1, os.WNOHANG)  # an orphan's pid is reaped and passed over
         if pid == child.pid:
             forwarder.pid = None
             child.returncode = os.waitstatus_to_exitcode(status)
-            return child.returncode, forwarder.received
+            return child.returncode, forwarder.received, killed
+        if pid == 0:
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + 1.0
+                if not killed and workers.all_ended_for() > LINGER_S and read_records(records):
+                    print(f"prefix launch: torchrun still runs {LINGER_S:g} s after its workers ended (stuck on a "
+                          "lost peer); killing it", file=sys.stderr, flush=True)
+                    killed = True
+                    with suppress(ProcessLookupError):
+                        os.killpg(child.pid, signal.SIGKILL)
+            time.sleep(0.05)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,8 +175,9 @@ def run(args: argparse.Namespace) -> int:
                         "-m prefix.train --config FILE --run-name NAME`")
     folder = tempfile.mkdtemp(prefix="prefix-exit-")  # mode 0700: only this user's workers write there
     try:
-        torchrun, received = supervise([*TORCHRUN, *args.torchrun_args], {**os.environ, EXIT_DIR: folder})
-        code, why = outcome(torchrun, read_records(Path(folder)))
+        torchrun, received, killed = supervise([*TORCHRUN, *args.torchrun_args], {**os.environ, EXIT_DIR: folder},
+                                               Path(folder))
+        code, why = outcome(1 if killed else torchrun, read_records(Path(folder)))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     after = f" (after {', '.join(dict.fromkeys(received))})" if received else ""
