@@ -53,8 +53,9 @@ from prefix.tools.processes import Launch, Tail, checkout_file, train_cmd
 
 NPROC = 2
 RANKS = (1, 2, 3)  # what resize chooses from
-DEFAULTS = ("trainer.max_steps=300", "checkpoint.every_steps=5",  # room for many kills; overrides win
-            "run.lease_timeout_s=3")  # what a double start is refused after (×1.5), what a zombie's replacement waits
+DEFAULTS = ("trainer.max_steps=600", "checkpoint.every_steps=5",  # room for many kills; overrides win
+            "run.lease_timeout_s=2")  # what a double start is refused after (×1.5), what a zombie's replacement waits
+AT_ONCE = ("double-start", "zombie")  # made at the first new step: the live start must outlast a second start-up
 RESIZE = ("trainer.global_batch_size=12", "data.record_samples=true")  # 12 sequences split over 1, 2 or 3 ranks
 SAVED = "stopped by signal after final checkpoint"  # the daemon's log event
 START_TIMEOUT, RUN_TIMEOUT, WRITE_TIMEOUT = 300.0, 900.0, 20.0  # seconds
@@ -100,6 +101,8 @@ class Chaos:
             self.startup = time.monotonic() - s.t0
             if kind == "during-eval":
                 status = s.wait_for(lambda: self._eval_step(s), RUN_TIMEOUT, every=0.001)
+            elif kind in AT_ONCE:
+                status = "hit"
             else:  # a random moment, spreading the kills over the steps left
                 share = (self.cfg.trainer.max_steps - s.steps()[-1]) / self.rate / (kills_left + 1)
                 status = s.wait_for(lambda: False, self.rng.uniform(0, max(share, 0)), every=0.05)

@@ -73,7 +73,7 @@ class Report:
             f"resumes            {self.resumes}", f"steps redone       {self.redone}",
             f"unreadable ckpts   {self.unreadable}", f"zombie writes      {self.zombie_writes}"]
         if self.resized:
-            gap = "n/a" if self.loss_gap is None else f"{self.loss_gap:.4f}"
+            gap = "n/a" if self.loss_gap is None else f"{self.loss_gap:.1e}"
             lines += [f"samples once       {yes[bool(self.samples_once)]} (each epoch, as uninterrupted)",
                       f"loss gap           {gap} (tolerance {LOSS_TOLERANCE}; {self.steps} steps; ranks resized, "
                       "so not bitwise)"]
