@@ -68,11 +68,10 @@ def train(args: argparse.Namespace) -> int:
     preemption = Preemption()
     lease = hold_lease(world, run_dir, cfg.run.lease_timeout_s, log)  # one writer: before anything is read
     lease.renew_in_background(stopping=lambda: preemption.requested)
-    wrote = [False]
     try:
-        return start(args, cfg, world, run_dir, root, stem, accum, fsdp, lease, preemption, log, wrote)
+        return start(args, cfg, world, run_dir, accum, lease, preemption, log)
     finally:
-        lease.release(wrote=wrote[0])
+        lease.release()
 
 
 def hold_lease(world: Any, run_dir: Any, timeout_s: float, log: Any) -> Any:
@@ -90,8 +89,8 @@ def hold_lease(world: Any, run_dir: Any, timeout_s: float, log: Any) -> Any:
     return held[0] if held else Lease(run_dir.path, epoch, timeout_s, log, holder=False)
 
 
-def start(args: argparse.Namespace, cfg: Any, world: Any, run_dir: Any, root: Path, stem: str, accum: int,
-          fsdp: bool, lease: Any, preemption: Any, log: Any, wrote: list[bool]) -> int:
+def start(args: argparse.Namespace, cfg: Any, world: Any, run_dir: Any, accum: int, lease: Any, preemption: Any,
+          log: Any) -> int:
     """The rest of a start, once this start holds the run."""
     import torch
 
@@ -105,6 +104,8 @@ def start(args: argparse.Namespace, cfg: Any, world: Any, run_dir: Any, root: Pa
     from prefix.telemetry import setup_logging
     from prefix.watchdog import EXIT_HUNG
 
+    stem, root, fsdp = Path(args.config).stem if args.config else "default", run_dir.path.parent, \
+        cfg.trainer.parallelism == "fsdp"
     run = RunManager(run_dir, args.experiment or stem, Registry(root) if world.is_main else None, log,
                      main=world.is_main, tensorboard=cfg.telemetry.tensorboard, relabel=args.experiment is not None)
     run.guard, run.lease_wait_s, run.lease_epoch = lease.check, lease.waited_s, lease.epoch
@@ -154,7 +155,7 @@ def start(args: argparse.Namespace, cfg: Any, world: Any, run_dir: Any, root: Pa
         val = ValStream(cfg, sources) if cfg.trainer.eval_every else None
 
         distributed.on_main(world, run.create)  # from here on the run directory is written
-        wrote[0] = True
+        lease.wrote = True
         run.log = log = setup_logging(world.rank, run_dir.logs)
         if world.is_main:
             log_findings(log, choice, findings)

@@ -133,6 +133,8 @@ class Lease:
                  created: bool = False):
         self.folder, self.epoch, self.timeout_s, self.log, self.holder = run / FOLDER, epoch, timeout_s, log, holder
         self.waited_s, self._created_run = waited_s, created
+        self.wrote = False
+        """Set once the start wrote into the run; until then a release leaves no trace (see `release`)."""
         self._verified = time.monotonic()  # a holder: when its last renewal began; others: when they last looked
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -264,16 +266,16 @@ class Lease:
             tmp.write_text(json.dumps(record))
             os.replace(tmp, self.claim)
 
-    def release(self, wrote: bool = True) -> None:
-        """A clean exit: the next start need not wait. `wrote=False`: the start failed before writing
-        anything into the run, so its lease (and a run directory it created) leave no trace."""
+    def release(self) -> None:
+        """A clean exit: the next start need not wait. A start that wrote nothing into the run (refused, or
+        the run had finished) leaves no trace if it was the run's only start: no lease, no run directory."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         if not self.holder:
             return
         try:
-            if not wrote and set(os.listdir(self.folder)) <= {self.claim.name, _marker(self.epoch, "stopping")}:
+            if not self.wrote and set(os.listdir(self.folder)) <= {self.claim.name, _marker(self.epoch, "stopping")}:
                 self.claim.unlink()
                 (self.folder / _marker(self.epoch, "stopping")).unlink(missing_ok=True)
                 self.folder.rmdir()

@@ -37,6 +37,7 @@ def test_first_start_claims_epoch_1_and_a_clean_exit_lets_the_next_start_in_at_o
     first = Lease.take(run, 30.0, LOG)
     assert first.epoch == 1 and first.holder and first.waited_s < 1
     assert read_claim(first.claim)["pid"] == os.getpid()
+    first.wrote = True
     first.release()
     began = time.monotonic()
     second = Lease.take(run, 30.0, LOG)
@@ -63,6 +64,7 @@ def test_a_stopping_holder_is_waited_for_past_the_refusal_point(tmp_path: Path) 
     run = tmp_path / "r"
     stopping = [False]
     holder = Lease.take(run, 1.0, LOG)
+    holder.wrote = True  # it trained: its release leaves the epoch behind
     holder.renew_in_background(stopping=lambda: stopping[0])
     stopping[0] = True  # SIGTERM: the holder flushes its final checkpoint
     time.sleep(0.5)  # its renewal thread marks it stopping
@@ -95,7 +97,7 @@ def test_a_holder_on_this_host_whose_process_is_gone_is_not_waited_for(tmp_path:
 
 def test_a_start_that_wrote_nothing_leaves_no_trace(tmp_path: Path) -> None:
     run = tmp_path / "r"
-    Lease.take(run, 30.0, LOG).release(wrote=False)
+    Lease.take(run, 30.0, LOG).release()  # it wrote nothing into the run
     assert not run.exists()
 
 
