@@ -122,6 +122,23 @@ def ceilings(run: Path) -> dict[int, int]:
     return limits
 
 
+def status(run: Path, now: float) -> dict[str, Any] | None:
+    """The newest epoch, who holds it, and whether it was released (for `prefix status`; the renewal's age
+    compares the file's mtime with this host's clock, so it is only as good as the clocks agree)."""
+    folder = run / FOLDER
+    held = claims(folder) if folder.is_dir() else {}
+    if not held:
+        return None
+    epoch = max(held)
+    try:
+        renewed = now - held[epoch].stat().st_mtime
+    except OSError:
+        renewed = None
+    return {"epoch": epoch, "holder": describe(read_claim(held[epoch]), epoch), "renewed_age_s": renewed,
+            "released": (folder / _marker(epoch, "released")).exists(),
+            "stopping": (folder / _marker(epoch, "stopping")).exists()}
+
+
 class LeaseRefused(UserError):
     same_on_every_rank = True
 

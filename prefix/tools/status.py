@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from prefix.errors import UserError
-from prefix.runs import RunDir, add_runs_root, goodput, read_jsonl, runs_root
+from prefix.runs import RunDir, add_runs_root, goodput, lease, read_jsonl, runs_root
 from prefix.watchdog import read_heartbeat
 
 
@@ -45,7 +45,8 @@ def details(run_dir: RunDir, now: float) -> dict[str, Any]:
             "last_checkpoint_age_s": now - latest.stat().st_mtime if latest.is_file() else None,
             "restarts": state.get("restarts", 0), "exit_code": state.get("exit_code"),
             "heartbeat_age_s": now - heartbeat["time"] if heartbeat else None,
-            "starts": run_dir.starts(), "goodput": goodput.account(run_dir.metrics)}
+            "starts": run_dir.starts(), "goodput": goodput.account(run_dir.metrics),
+            "lease": lease.status(run_dir.path, now)}
 
 
 def describe(d: dict[str, Any]) -> str:
@@ -58,8 +59,16 @@ def describe(d: dict[str, Any]) -> str:
              is not None else "checkpoint  none yet",
              f"restarts    {d['restarts']}" + (f" ({', '.join(ends)}; {redone} steps redone)" if ends else ""),
              f"heartbeat   {age(d['heartbeat_age_s'])} ago" if d["heartbeat_age_s"] is not None
-             else "heartbeat   none", goodput.describe(d["goodput"])]
+             else "heartbeat   none", describe_lease(d["lease"]), goodput.describe(d["goodput"])]
     return "\n".join(lines)
+
+
+def describe_lease(held: dict[str, Any] | None) -> str:
+    if held is None:
+        return "lease       none (no start has held this run)"
+    state = "released" if held["released"] else "stopping (final checkpoint), " if held["stopping"] else ""
+    renewed = f"renewed {age(held['renewed_age_s'])} ago" if not held["released"] else ""
+    return f"lease       {held['holder']}: {state}{renewed}".rstrip(", ")
 
 
 def arguments(p: argparse.ArgumentParser) -> None:

@@ -14,7 +14,9 @@ import psutil
 import pytest
 from helpers import Launch, assert_same_weights, checkpoint, losses, read_jsonl, train_cmd
 
+from prefix.runs import RunDir
 from prefix.runs.lease import claim_name, claims
+from prefix.tools import status
 from prefix.tools.processes import ProcessTree
 
 STEPS = 400
@@ -62,6 +64,7 @@ def test_a_second_live_start_waits_then_is_refused_and_the_live_run_is_unharmed(
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "held by another live start" in errors[0] and "pid" in errors[0], out
     assert "Traceback" not in out
+    assert "resumed from step" not in out and "starting" not in out, "refused before it read or wrote anything"
     assert live.proc.poll() is None, "the live run is still training"
     assert live.wait() == 0, (tmp_path / "live.log").read_text()[-3000:]
     assert sorted(claims(run_dir / "lease")) == [1], "the refused start claimed no epoch"
@@ -130,3 +133,6 @@ def test_a_killed_holder_is_taken_over_and_a_clean_exit_releases(tmp_path: Path)
     assert sorted(claims(run_dir / "lease")) == [1, 2, 3, 4]
     ledger = [line for line in read_jsonl(run_dir / "metrics" / "time.jsonl") if line.get("event") == "start"]
     assert ledger[2]["lease_wait"] >= 2.0, "the lapse waited for is counted in the goodput ledger"
+    shown = status.describe(status.details(RunDir(run_dir), time.time()))
+    assert "lease       host" in shown and "epoch 4): released" in shown, shown
+    assert status.details(RunDir(run_dir), time.time())["goodput"]["parts"]["lease"] >= 2.0
