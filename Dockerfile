@@ -4,7 +4,7 @@
 # Base: python:3.11-slim plus PyTorch's own CUDA wheel rather than an nvidia/cuda image: the CUDA wheels
 # bring the CUDA runtime, cuDNN and NCCL as pip dependencies (nvidia-*), so a CUDA base image would only
 # duplicate them; the GPU driver comes from the node through the NVIDIA container runtime. Python 3.11 is
-# the version prefix is tested with. Debian's bash is present (the pods run `bash -c 'exec torchrun ...'`).
+# the version prefix is tested with. Debian's bash is present (the pods run `bash -c 'exec prefix launch ...'`).
 FROM python:3.11-slim
 
 # The CUDA build of torch; pick the index matching the nodes' driver (cu126, cu128, ...).
@@ -38,6 +38,6 @@ RUN pip install -c constraints.txt . \
  && python -c "import torch; assert torch.version.cuda, 'the install replaced the CUDA torch'"
 
 # Numeric, so that the kubelet can verify runAsNonRoot. No ENTRYPOINT: the pod's command is
-# `bash -c 'exec torchrun ...'`, which leaves torchrun as PID 1 to receive the SIGTERM.
+# `bash -c 'exec prefix launch ...'`, which leaves the launcher as PID 1 to receive the SIGTERM (it passes it to torchrun).
 USER ${APL_UID}:${APL_UID}
 CMD ["python", "-m", "prefix.train", "--help"]

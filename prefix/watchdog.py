@@ -146,7 +146,7 @@ class Watchdog:
 
 
 def pid1_started() -> float:
-    """Unix time PID 1 started: in a pod that is torchrun (`exec torchrun`), i.e. when this container started."""
+    """Unix time PID 1 started: in a pod that is `prefix launch` (exec), i.e. when this container started."""
     with open("/proc/stat") as f:
         boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
     with open("/proc/1/stat") as f:
