@@ -156,6 +156,7 @@ class Lease:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._unrenewed = False  # warned once that renewing failed
 
     @property
     def claim(self) -> Path:
@@ -223,8 +224,9 @@ class Lease:
 
     # -- holding --------------------------------------------------------------------------
     def renew_in_background(self, stopping: Callable[[], bool] = lambda: False) -> None:
-        """Rank 0: renew every sixth of the timeout, so no long write, evaluation or download lets it lapse."""
-        if self.holder and self._thread is None:
+        """Every sixth of the timeout, from a thread of its own: rank 0 renews (so no long write, evaluation
+        or download lets the lease lapse) and every rank looks for a newer epoch, which keeps `check` free."""
+        if self._thread is None:
             self._thread = threading.Thread(target=self._renewing, args=(stopping,), name="prefix-lease",
                                             daemon=True)
             self._thread.start()
@@ -232,7 +234,7 @@ class Lease:
     def _renewing(self, stopping: Callable[[], bool]) -> None:
         said_stopping = False
         while not self._stop.wait(self.timeout_s / 6):
-            if stopping() and not said_stopping:
+            if self.holder and stopping() and not said_stopping:
                 said_stopping = True
                 _touch(self.folder / _marker(self.epoch, "stopping"))
             self.verify()
@@ -255,7 +257,9 @@ class Lease:
                 except FileNotFoundError:
                     self._fenced("its claim was removed")
                 except OSError as e:  # the file system is away: the lease lapses, and the next look decides
-                    self.log.warning("lease not renewed", error=str(e))
+                    if not self._unrenewed:
+                        self._unrenewed = True
+                        self.log.warning("lease not renewed; retried every renewal", error=str(e))
                     return
             if paused:  # a takeover decided while we were away may land just now: give it time to show
                 time.sleep(min(1.0, self.timeout_s / 10))

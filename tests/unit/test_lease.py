@@ -147,3 +147,19 @@ def test_resume_passes_over_a_checkpoint_an_older_epoch_committed_after_a_takeov
     assert chosen is not None and chosen.step == 10 and chosen.global_slot == "prev"
     assert any("lease epoch 1" in f.reason for f in findings)
     assert choose(folder, 1)[0].step == 15, "without the lease's ceilings the newest step wins"
+
+
+def test_every_rank_looks_from_a_thread_so_the_fence_check_costs_nothing(tmp_path: Path) -> None:
+    """A rank that does not hold the lease still looks for a newer epoch in the background: its `check`
+    before a write is then an in-memory comparison, not a listing of lease/ and a pause."""
+    run = tmp_path / "r"
+    holder = Lease.take(run, 1.2, LOG)
+    holder.wrote = True
+    follower = Lease(run, holder.epoch, 1.2, LOG, holder=False)
+    before = follower._verified
+    follower.renew_in_background()
+    time.sleep(0.8)
+    assert follower._verified > before, "the follower's thread looked at lease/ by itself"
+    follower.release()
+    holder.release()
+    assert (run / "lease" / "epoch-000000000001.released").exists(), "only the holder releases"
