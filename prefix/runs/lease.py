@@ -289,19 +289,21 @@ class Lease:
 
     def release(self) -> None:
         """A clean exit: the next start need not wait. A start that wrote nothing into the run (refused, or
-        the run had finished) leaves no trace if it was the run's only start: no lease, no run directory."""
+        the run had finished) leaves no trace: its claim goes, and so do the lease folder and the run
+        directory if it made them."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         if not self.holder:
             return
         try:
-            if not self.wrote and set(os.listdir(self.folder)) <= {self.claim.name, _marker(self.epoch, "stopping")}:
-                self.claim.unlink()
+            if not self.wrote:  # nothing of this epoch exists anywhere: the next start may claim it again
                 (self.folder / _marker(self.epoch, "stopping")).unlink(missing_ok=True)
-                self.folder.rmdir()
-                if self._created_run:
-                    self.folder.parent.rmdir()
+                self.claim.unlink()
+                with contextlib.suppress(OSError):  # not empty: earlier starts' epochs stay
+                    self.folder.rmdir()
+                    if self._created_run:
+                        self.folder.parent.rmdir()
                 return
             _touch(self.folder / _marker(self.epoch, "released"))
         except OSError as e:  # it lapses instead
