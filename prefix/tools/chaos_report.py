@@ -16,6 +16,8 @@ from prefix.tools.processes import Tail
 
 KINDS = ("sigterm", "sigkill", "during-checkpoint", "during-eval", "during-startup", "double-start", "zombie",
          "resize")
+OWN_PROCESSES = KINDS[:5]
+"""The kills of a start's own processes; the kinds after them are faults between pods."""
 AIMS = {"sigterm": "final checkpoint saved", "sigkill": "after a new step",  # what a kill that landed did
         "during-checkpoint": "*.tmp present", "during-eval": "before the eval line",
         "during-startup": "before the first new step", "double-start": "second start refused with 2",

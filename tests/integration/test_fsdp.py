@@ -26,6 +26,7 @@ from helpers import (
 )
 
 from prefix.tools import chaos
+from prefix.tools.chaos_report import OWN_PROCESSES
 
 FSDP = "trainer.parallelism=fsdp"
 STEPS = 60
@@ -91,7 +92,8 @@ def test_fsdp_sigkill_of_every_process_resumes_bitwise(baseline: Path, tmp_path:
 
 
 def test_fsdp_chaos_kills_of_every_kind_leave_the_run_bitwise_identical(tmp_path: Path) -> None:
-    report = chaos.play(TINY, kills=6, seed=2, runs_root=tmp_path, overrides=("trainer.max_steps=150", FSDP))
+    report = chaos.play(TINY, kills=6, seed=2, runs_root=tmp_path, overrides=("trainer.max_steps=150", FSDP),
+                        kinds=OWN_PROCESSES)
     print(report)
     assert len(report.kills) == 6 and report.unreadable == 0
     assert report.losses_identical and report.weights_identical and report.ok
