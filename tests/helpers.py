@@ -67,6 +67,13 @@ class Launch:
         self.proc.wait(30)
 
 
+def uninterrupted(root: Path, name: str, *settings: str) -> Path:
+    """A 2-rank run of `settings` trained to the end without a stop: what a stopped run must equal."""
+    launch = Launch(train_cmd(2, name, root, *settings), root / "log")
+    assert launch.wait() == 0, (root / "log").read_text()[-3000:]
+    return root / name
+
+
 def run(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})

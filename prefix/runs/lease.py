@@ -38,6 +38,7 @@ from typing import Any
 import psutil
 
 from prefix.errors import EXIT_FENCED, UserError, record_exit
+from prefix.runs.layout import write_atomically
 
 FOLDER = "lease"
 CLAIM = re.compile(r"^epoch-(\d+)\.json$")
@@ -282,10 +283,7 @@ class Lease:
     def note_resume(self, step: int) -> None:
         """Record the step this epoch resumed from: older epochs' checkpoints past it are a zombie's."""
         if self.holder:
-            record = {**read_claim(self.claim), "resumed_step": step}
-            tmp = self.folder / f".{self.claim.name}.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, self.claim)
+            write_atomically(self.claim, json.dumps({**read_claim(self.claim), "resumed_step": step}))
 
     def release(self) -> None:
         """A clean exit: the next start need not wait. A start that wrote nothing into the run (refused, or

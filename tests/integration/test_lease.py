@@ -12,11 +12,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import Launch, assert_same_weights, checkpoint, losses, read_jsonl, train_cmd
+from helpers import Launch, assert_same_weights, checkpoint, losses, read_jsonl, train_cmd, uninterrupted
 
 from prefix.runs import RunDir
 from prefix.runs.lease import claim_name, claims
 from prefix.tools import status
+from prefix.tools.chaos_report import snapshot
 from prefix.tools.processes import ProcessTree
 
 STEPS = 400
@@ -27,10 +28,7 @@ SETTINGS = (f"trainer.max_steps={STEPS}", "checkpoint.every_steps=20", "trainer.
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> Path:
     """The same run, never interrupted."""
-    root = tmp_path_factory.mktemp("baseline")
-    launch = Launch(train_cmd(2, "base", root, *SETTINGS), root / "log")
-    assert launch.wait() == 0, (root / "log").read_text()[-3000:]
-    return root / "base"
+    return uninterrupted(tmp_path_factory.mktemp("baseline"), "base", *SETTINGS)
 
 
 def wait_for_text(path: Path, text: str, timeout: float = 120) -> None:
@@ -40,12 +38,6 @@ def wait_for_text(path: Path, text: str, timeout: float = 120) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"{text!r} not in {path} within {timeout}s:\n{path.read_text()[-3000:]}")
-
-
-def tree(run_dir: Path, *folders: str) -> dict[str, tuple[int, int]]:
-    """Every file under `folders` with its size and mtime: what a fenced start must not change."""
-    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for folder in folders for p in sorted((run_dir / folder).rglob("*")) if p.is_file()}
 
 
 def assert_same_run(run_dir: Path, baseline: Path) -> None:
@@ -98,12 +90,12 @@ def test_a_frozen_start_that_wakes_after_a_takeover_writes_nothing(baseline: Pat
     replacement = Launch(train_cmd(2, "r", tmp_path, *SETTINGS, *lease), tmp_path / "replacement.log")
     assert replacement.wait() == 0, (tmp_path / "replacement.log").read_text()[-3000:]
     assert "did not renew it" in (tmp_path / "replacement.log").read_text()
-    before = tree(run_dir, "checkpoints", "metrics")
+    before = snapshot(run_dir)  # every file of checkpoints/ and metrics/, with its size and mtime
     for p in frozen.procs.values():
         p.send_signal(signal.SIGCONT)
     assert zombie.wait(120) == 3, (tmp_path / "zombie.log").read_text()[-3000:]  # EXIT_FENCED, via prefix launch
     assert "fenced" in (tmp_path / "zombie.log").read_text()
-    assert tree(run_dir, "checkpoints", "metrics") == before, "the woken start changed the run"
+    assert snapshot(run_dir) == before, "the woken start changed the run"
     alive = psutil.wait_procs([p for p in frozen.procs.values() if p.pid != zombie.proc.pid], timeout=15)[1]
     assert not alive, f"processes of the fenced start outlived it: {alive}"  # data workers notice within 5 s
     assert_same_run(run_dir, baseline)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Launch, assert_same_weights, checkpoint, losses, read_jsonl, run, train_cmd
+from helpers import Launch, assert_same_weights, checkpoint, losses, read_jsonl, run, train_cmd, uninterrupted
 
 STEPS = 120
 SETTINGS = (f"trainer.max_steps={STEPS}", "checkpoint.every_steps=10", "trainer.eval_every=40")
@@ -19,10 +19,7 @@ SETTINGS = (f"trainer.max_steps={STEPS}", "checkpoint.every_steps=10", "trainer.
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> Path:
     """The same run, never interrupted."""
-    root = tmp_path_factory.mktemp("baseline")
-    launch = Launch(train_cmd(2, "base", root, *SETTINGS), root / "log")
-    assert launch.wait() == 0, (root / "log").read_text()[-3000:]
-    return root / "base"
+    return uninterrupted(tmp_path_factory.mktemp("baseline"), "base", *SETTINGS)
 
 
 def test_sigterm_resume_is_bitwise_identical(baseline: Path, tmp_path: Path) -> None:
