@@ -57,3 +57,19 @@ def test_training_imports_nothing_from_the_commands():
     graph = imports()
     daemon = reachable(graph, "prefix.train") | reachable(graph, "prefix.watchdog")
     assert not sorted(m for m in daemon if m.startswith("prefix.tools")), "prefix.train reaches prefix/tools/"
+
+
+def test_the_training_path_does_not_import_transformers():
+    """streaming imports transformers (~4 s of a start) for an isinstance check; prefix.data.compat avoids it,
+    and a later `import transformers` is still the real one."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import prefix.train, prefix.trainer, prefix.data.loader, prefix.data.streams, prefix.data.leftovers\n"
+            "from prefix.data.compat import StreamingDataset\n"
+            "assert not [m for m in sys.modules if m.startswith('transformers')], 'transformers imported'\n"
+            "from transformers.tokenization_utils_base import BatchEncoding\n"
+            "assert hasattr(BatchEncoding, 'convert_to_tensors')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
