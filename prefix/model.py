@@ -52,20 +52,21 @@ def llama3_scaled(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 def rope_cache(head_dim: int, seq_len: int, theta: float,
                scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [seq_len, head_dim] in float32, halves duplicated (the "rotate half" layout)."""
+    """cos/sin tables [seq_len, head_dim] in float32, halves duplicated (the "rotate half" layout); the
+    first half of sin is negated: rotate-half's sign, folded into the table once instead of every step."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if scaling is not None:
         inv_freq = llama3_scaled(inv_freq, scaling)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return torch.cat((angles, angles), dim=-1).cos().float(), torch.cat((-angles, angles), dim=-1).sin().float()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, hd] by position: pairs are (i, i + hd/2), as in Llama / Hugging Face."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """Rotate x [B, H, T, hd] by position: pairs are (i, i + hd/2), as in Llama / Hugging Face.
+
+    Rotate-half is x·cos + [-x2, x1]·sin; with the sign in the table it is one roll and two multiplies
+    (no chunk, neg, cat), bitwise the same result, as -a·b and a·(-b) round alike."""
+    return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin).to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):

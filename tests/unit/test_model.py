@@ -110,6 +110,20 @@ def test_rotary_depends_on_relative_position_only():
     torch.testing.assert_close(out[[0, 8]], torch.tensor([math.cos(3.0), math.sin(3.0)]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_bitwise_the_textbook_rotate_half(dtype: torch.dtype) -> None:
+    """One roll with the sign folded into the table: the values the chunk/neg/cat form gives, to the bit, so
+    a run's results (and its checkpoints) are those of the model before the change."""
+    hd, T = 32, 96
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angles = torch.outer(torch.arange(T, dtype=torch.float64), inv_freq)
+    cos, sin = (torch.cat((angles, angles), -1).cos().float(), torch.cat((angles, angles), -1).sin().float())
+    x = torch.randn(2, 3, T, hd).to(dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    textbook = (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(dtype)
+    assert torch.equal(apply_rotary(x, *rope_cache(hd, T, 10000.0)), textbook)
+
+
 def test_model_sees_positions():
     """Without positions, one layer of causal attention sees the last token's prefix as a set: swapping
     two earlier tokens could not change its logits. RoPE must make it change."""
