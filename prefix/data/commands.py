@@ -4,8 +4,9 @@
   prefix data train-tokenizer INPUT... --vocab-size N --out DIR [--text-field NAME]
 
 INPUT: files, folders (searched recursively) or quoted glob patterns of .txt .jsonl .json .csv
-.parquet (text) or .bin .npy (token ids). See docs/prepare.md. A problem you can fix prints one
-line `error: ...` and exits 2.
+.parquet .arrow (text) or .bin .npy (token ids); a folder written by Hugging Face `save_to_disk`;
+or hf:NAME[:CONFIG][@SPLIT], a dataset in the local Hugging Face cache (never downloaded). See
+docs/prepare.md. A problem you can fix prints one line `error: ...` and exits 2.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ def arguments(top: argparse.ArgumentParser) -> None:
     sub = top.add_subparsers(dest="data_command", required=True, metavar="COMMAND", parser_class=type(top))
     p = sub.add_parser("prepare", help="tokenize, pack and write train/ and val/ MDS splits with a manifest",
                        description="Prepare a dataset for `data.local` / `data.remote` (docs/prepare.md).")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or quoted glob patterns")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="files, folders (save_to_disk ones too), quoted glob patterns, or hf:NAME[:CONFIG][@SPLIT] "
+                        "from the local Hugging Face cache")
     p.add_argument("--out", required=True, type=Path, help="dataset folder to create")
     p.add_argument("--val", nargs="+", default=[], metavar="INPUT",
                    help="validation inputs (then nothing else is held out)")
     p.add_argument("--tokenizer", metavar="SPEC",
                    help="bytes (default), a tokenizer.json or its folder, tiktoken:NAME or tiktoken:FILE; "
                         "with token arrays, only recorded in the dataset")
-    p.add_argument("--text-field", default="text", metavar="NAME", help="JSON/CSV/parquet field with the text")
+    p.add_argument("--text-field", default="text", metavar="NAME", help="JSON/CSV/parquet/Arrow field with the text")
     p.add_argument("--seq-len", type=int, default=256, help="sequence length; samples hold seq_len + 1 ids")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share held out when --val is not given")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
@@ -41,10 +44,11 @@ def arguments(top: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out once the new dataset is complete")
     t = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer.json on text inputs",
                        description="Train a byte-level BPE on the inputs and save DIR/tokenizer.json.")
-    t.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or quoted glob patterns (text)")
+    t.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="text inputs, as for prepare: files, folders, quoted glob patterns or hf:NAME")
     t.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, at least 257")
     t.add_argument("--out", required=True, type=Path, help="folder for tokenizer.json")
-    t.add_argument("--text-field", default="text", metavar="NAME", help="JSON/CSV/parquet field with the text")
+    t.add_argument("--text-field", default="text", metavar="NAME", help="JSON/CSV/parquet/Arrow field with the text")
 
 
 def run(args: argparse.Namespace) -> int:

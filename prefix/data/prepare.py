@@ -190,7 +190,7 @@ def prepare(inputs: Iterable[str], out: str | Path, *, val: Iterable[str] = (), 
     has_val = any(s.held_out for s in sources)
     describe = {"sources": [{"path": str(s.path.resolve()), "format": s.format,
                              "split": "val" if s.held_out else "train" if has_val else "train+val"}
-                            for s in sources],
+                            | ({"dataset": s.dataset} if s.dataset else {}) for s in sources],
                 "text_field": None if arrays else text_field}
     bad, held = BadRecords(), _Holdout()
     docs = held.split(sources, text_field, bad, val_fraction) if not has_val else \

@@ -2,10 +2,11 @@
 
 A path that cannot be read at all is a `UserError` raised before any output exists; a single bad
 record (missing field, undecodable, empty) is only counted, so one broken line among millions
-never costs a run. Readers stream: JSON lines line by line, parquet in record batches, token
-arrays as memory maps. Every document carries an identity (its path relative to the input it
-was found under, plus its record number) so the train/val split does not depend on where the
-data happens to live.
+never costs a run. Readers stream: JSON lines line by line, parquet and Arrow in record batches,
+token arrays as memory maps. Every document carries an identity (its path relative to the input
+it was found under, plus its record number) so the train/val split does not depend on where the
+data happens to live. Hugging Face datasets (saved folders, the cache by name) are found in
+`hf_sources.py` and read here as the Arrow files they are.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from prefix.data import hf_sources
 from prefix.errors import UserError
 
-TEXT_FORMATS = ("txt", "jsonl", "json", "csv", "parquet")
+TEXT_FORMATS = ("txt", "jsonl", "json", "csv", "parquet", "arrow")
 TOKEN_FORMATS = ("bin", "npy")
 FORMATS = TEXT_FORMATS + TOKEN_FORMATS
-PARQUET_BATCH = 1024
-"""Rows per parquet record batch: a bounded slice of a file is in memory at a time."""
+BATCH_ROWS = 1024
+"""Rows per parquet or Arrow record batch turned into Python strings: a bounded slice of a file at a time."""
 _UNDECODABLE = object()
 
 
@@ -39,6 +41,8 @@ class Source:
     format: str
     held_out: bool = False
     """Given with --val: all of it is validation data."""
+    dataset: str | None = None
+    """The `hf:NAME:CONFIG@SPLIT` a file of the Hugging Face cache belongs to."""
 
     @property
     def tokens(self) -> bool:
@@ -73,9 +77,8 @@ def _expand(spec: str) -> tuple[Path, list[Path]]:
         first = next(i for i, part in enumerate(path.parts) if glob.has_magic(part))
         base = Path(*path.parts[:first]) if first else Path(".")
         return base, files
-    if path.is_dir():  # hidden files and folders (.git, a prepare's temporary folder) are not data
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix[1:].lower() in FORMATS
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if path.is_dir():
+        files = list(_walk(path))
         if not files:
             raise UserError(f"{spec}: folder has no file ending in .{', .'.join(FORMATS)}; "
                             "point at the data files")
@@ -85,12 +88,32 @@ def _expand(spec: str) -> tuple[Path, list[Path]]:
     return path.parent, [path]
 
 
+def _walk(folder: Path) -> Iterator[Path]:
+    """Data files under a folder in path order, but a saved Hugging Face dataset's only. Hidden files and
+    folders (.git, a prepare's temporary folder) are not data; links to folders are not followed."""
+    saved = hf_sources.saved_dataset_files(folder)
+    if saved is not None:
+        yield from saved
+        return
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            yield from _walk(entry)
+        elif entry.is_file() and entry.suffix[1:].lower() in FORMATS:
+            yield entry
+
+
 def find_sources(inputs: Iterable[str], held_out: bool = False, exclude: Path | None = None) -> list[Source]:
     """Every file of the inputs but those under `exclude`, in a stable order, checked to be readable."""
     sources: list[Source] = []
-    for spec in inputs:
-        base, files = _expand(str(spec))
-        for path in files:
+    for spec in map(str, inputs):
+        if hf_sources.is_hub_name(spec):
+            named, dataset = hf_sources.cached_dataset(spec)
+        else:
+            base, files = _expand(spec)
+            named, dataset = [(path, path.relative_to(base).as_posix()) for path in files], None
+        for path, name in named:
             if exclude is not None and path.resolve().is_relative_to(exclude.resolve()):
                 continue  # a dataset prepared earlier inside its own input folder
             fmt = path.suffix[1:].lower()
@@ -103,7 +126,7 @@ def find_sources(inputs: Iterable[str], held_out: bool = False, exclude: Path | 
             except OSError as e:
                 raise UserError(f"{path}: cannot read it ({e.strerror}); fix its permissions or "
                                 "leave it out") from None
-            sources.append(Source(path, path.relative_to(base).as_posix(), fmt, held_out))
+            sources.append(Source(path, name, fmt, held_out, dataset))
     return sources
 
 
@@ -178,6 +201,8 @@ def _records(source: Source, text_field: str) -> Iterator[object]:
                 yield from reader
             except csv.Error as e:
                 raise UserError(f"{path}: not valid CSV at line {reader.line_num} ({e}); fix the file") from None
+    elif source.format == "arrow":
+        yield from _arrow(path, text_field)
     else:
         yield from _parquet(path, text_field)
 
@@ -197,7 +222,7 @@ def _parquet(path: Path, text_field: str) -> Iterator[object]:
 
     pf = _parquet_file(path, text_field)
     try:
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=[text_field]):
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[text_field]):
             yield from batch.column(0).to_pylist()
     except (pa.ArrowException, ValueError) as e:  # ArrowInvalid is a ValueError; ArrowIOError an OSError
         raise UserError(f"{path}: not a readable parquet file ({_one_line(e)}); replace or leave it out") from None
@@ -217,10 +242,41 @@ def _parquet_file(path: Path, text_field: str):
     return pf
 
 
+def _arrow(path: Path, text_field: str) -> Iterator[object]:
+    with _arrow_reader(path, text_field) as (batches, column):
+        for batch in batches:
+            for start in range(0, batch.num_rows, BATCH_ROWS):
+                yield from batch.column(column).slice(start, BATCH_ROWS).to_pylist()
+
+
+@contextlib.contextmanager
+def _arrow_reader(path: Path, text_field: str) -> Iterator[tuple[Iterator, int]]:
+    """Record batches of an Arrow IPC stream (what `datasets` writes) or file, memory-mapped, and the text
+    column's index; errors while reading them inside the `with` are one line too."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as f:
+            is_file = f.read(6) == b"ARROW1"  # the file format's magic; a stream starts with a message
+            f.seek(0)
+            reader = pa.ipc.open_file(f) if is_file else pa.ipc.open_stream(f)
+            names = reader.schema.names
+            if text_field not in names:
+                raise UserError(f"{path}: no column '{text_field}' (columns: {', '.join(names)}); "
+                                "name the text column with --text-field")
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if is_file else reader
+            yield batches, names.index(text_field)
+    except (pa.ArrowException, ValueError) as e:
+        raise UserError(f"{path}: not a readable Arrow file ({_one_line(e)}); replace or leave it out") from None
+
+
 def check_columns(source: Source, text_field: str) -> None:
-    """Fail before any output on what a file declares up front: a parquet footer and schema, a CSV header."""
+    """Fail before any output on what a file declares up front: a parquet or Arrow schema, a CSV header."""
     if source.format == "parquet":
         _parquet_file(source.path, text_field)
+    elif source.format == "arrow":
+        with _arrow_reader(source.path, text_field):
+            pass
     elif source.format == "csv":
         with contextlib.closing(_records(source, text_field)) as records:
             next(records, None)
