@@ -33,7 +33,9 @@ COPY prefix ./prefix
 COPY configs ./configs
 # torchvision comes only as mosaicml-streaming's requirement and is never used; PyPI's wheel need not
 # match the CUDA build of torch above, and a mismatched one breaks `import transformers` (constraints.txt).
-RUN pip install -c constraints.txt . \
+# The trackers (docs/tracking.md) are extras: `--build-arg PREFIX_EXTRAS=` for the lean image.
+ARG PREFIX_EXTRAS=tensorboard,wandb,mlflow
+RUN pip install -c constraints.txt ".${PREFIX_EXTRAS:+[${PREFIX_EXTRAS}]}" \
  && pip uninstall -y torchvision \
  && python -c "import torch; assert torch.version.cuda, 'the install replaced the CUDA torch'"
 

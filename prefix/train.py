@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefix.errors import UserError, exit_code_of, report
 from prefix.runs import add_runs_root
+
+if TYPE_CHECKING:
+    from prefix.runs import RunDir
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
@@ -96,23 +99,27 @@ def start(args: argparse.Namespace, cfg: Any, world: Any, run_dir: Any, accum: i
 
     from prefix import distributed, drift, pretrained
     from prefix.checkpoint import Checkpointer, log_findings, set_rng_state
+    from prefix.checkpoint.remote import Remote
     from prefix.runs.lease import ceilings
     from prefix.runs.manager import RunManager
     from prefix.runs.registry import Registry
     from prefix.state import TrainState
     from prefix.system_metrics import SystemSampler
-    from prefix.telemetry import setup_logging
+    from prefix.telemetry import setup_logging, trackers_for
     from prefix.watchdog import EXIT_HUNG
 
     stem, root, fsdp = Path(args.config).stem if args.config else "default", run_dir.path.parent, \
         cfg.trainer.parallelism == "fsdp"
     run = RunManager(run_dir, args.experiment or stem, Registry(root) if world.is_main else None, log,
-                     main=world.is_main, tensorboard=cfg.telemetry.tensorboard, relabel=args.experiment is not None)
+                     main=world.is_main, trackers=trackers_for(cfg.telemetry, run_dir.tb) if world.is_main else (),
+                     relabel=args.experiment is not None)
     run.guard, run.lease_wait_s, run.lease_epoch = lease.check, lease.waited_s, lease.epoch
     run.metrics.before_write = lease.check
     checkpointer = Checkpointer(run_dir.checkpoints, world, cfg.checkpoint, sharded_saves=fsdp, epoch=lease.epoch)
     checkpointer.guard = lease.check
-    choice, findings = checkpointer.find(ceilings(run_dir.path) if world.is_main else {})
+    # checkpoint.remote: uploads every commit; a volume with nothing usable is restored from it first
+    remote = Remote(checkpointer, cfg.checkpoint, run_dir.path.name, lease, log) if cfg.checkpoint.remote else None
+    choice, findings = (remote or checkpointer).find(ceilings(run_dir.path) if world.is_main else {})
     saved, rank_state = checkpointer.load(choice) if choice else (None, None)
     state = TrainState.from_dict(saved) if saved is not None else None
     start_step = state.step if state else 0
@@ -178,7 +185,6 @@ def start(args: argparse.Namespace, cfg: Any, world: Any, run_dir: Any, accum: i
             log.info(f"resumed from step {start_step}", step=start_step, tokens_seen=trainer.tokens_seen)
         if world.is_main:
             log.info("model", params=model.num_params(), steps_per_epoch=train.steps_per_epoch)
-        run.metrics.starting_at(start_step)  # TensorBoard: a previous start's events past here are redone
         if world.is_main or cfg.telemetry.all_ranks:
             sampler = SystemSampler(run_dir.metrics, cfg.telemetry.system_every_s, world.rank, world.device,
                                     run_dir.path, step_fn=lambda: trainer.step, log=log,
@@ -197,8 +203,24 @@ def start(args: argparse.Namespace, cfg: Any, world: Any, run_dir: Any, accum: i
             sampler.stop()
         if trainer is not None:
             trainer.close()
-        run.finish(exit_code, trainer.step if trainer is not None else None)
+        run.finish(exit_code, trainer.step if trainer is not None else None, report=lambda: report_files(run_dir))
         train.close()
+        if remote is not None:
+            remote.close(exit_code)  # the last upload: bounded unless the run finished
+
+
+def report_files(run_dir: RunDir) -> list[Path]:
+    """`prefix report`'s figures and summary in `<run dir>/report/`: what the trackers keep of a finished run.
+
+    Run as the command (a process of its own: the daemon imports nothing from prefix/tools/)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "prefix.cli", "report", run_dir.path.name, "--runs-root",
+                           str(run_dir.path.parent)], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"prefix report exited {done.returncode}: {done.stderr.strip()[-300:]}")
+    return [Path(line) for line in done.stdout.splitlines() if line.strip()]
 
 
 def run(args: argparse.Namespace) -> int:

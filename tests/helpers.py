@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -79,6 +81,13 @@ def run(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None)
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (for a test's server, or for a server that is down)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class RunsCode:
     """What a crafted checkpoint smuggles in: unpickling it calls os.system (touching `marker`)."""
 
@@ -116,6 +125,15 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def wandb_records(run_folder: Path) -> list[dict]:
+    """The records of a W&B run folder's `.wandb` transaction log, read by W&B's own reader
+    (`wandb leet inspect --json`: one JSON object per record, offline, nothing sent anywhere)."""
+    result = run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_folder)], timeout=120,
+                 env={"WANDB_MODE": "offline", "WANDB_ERROR_REPORTING": "false"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -5,6 +5,9 @@ and which one a start resumes from. See docs/checkpoints.md.
 - `resume`: verifying files and choosing the step to resume from;
 - `checkpointer`: the collective save protocol and loading;
 - `sharded`: trainer.parallelism=fsdp's DCP folders (written fresh per save, verified whole, read safely);
+- `history`: `checkpoint.keep_every_steps`'s kept steps, `step-<N>/` (hard links, never rotated);
+- `remote`, `remote_upload`, `remote_store`: `checkpoint.remote`: the restore of a volume with nothing usable,
+  the background upload of every commit, and the transport (mosaicml-streaming's object stores);
 - `rng`: every RNG state, in a form `weights_only` loading accepts.
 """
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from prefix import distributed
-from prefix.checkpoint import files
+from prefix.checkpoint import files, history
 from prefix.checkpoint.files import FORMAT_VERSION, FileSum, global_name, rank_name, tmp
 from prefix.checkpoint.resume import Finding, Resume, choose
 from prefix.checkpoint.snapshot import Snapshot
@@ -98,6 +98,8 @@ class Checkpointer:
         self.epoch = epoch
         self.guard: Callable[[], None] = lambda: None
         """Called before every write that matters (the lease's fence: exits if another start took over)."""
+        self.uploads: Any = None
+        """`checkpoint.remote`'s uploader (remote_upload.py): each committed step goes to it (a background upload)."""
         self.committed_step: int | None = None
         self._slot_global: str | None = None  # where the committed step's files live
         self._slot_rank: str | None = None
@@ -154,6 +156,7 @@ class Checkpointer:
         (rank 0, before any save)."""
         if self.world.is_main and self.folder.is_dir():
             self.guard()
+            history.clean(self.folder)  # before the loop below: its folders end in .tmp too
             for path in self.folder.glob("*.tmp"):
                 path.unlink(missing_ok=True)
             files.remove_in_background(list(self.folder.glob(f"{files.RETIRED}*")))
@@ -165,7 +168,8 @@ class Checkpointer:
         return bool(s) and time.monotonic() - self._last_save_time >= s
 
     def steps_due(self, step: int) -> bool:
-        return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
+        every = self.cfg.every_steps
+        return (bool(every) and step % every == 0) or history.due(self.cfg.keep_every_steps, step)
 
     def save(self, step: int, global_state: Callable[[], dict[str, Any]], rank_state: dict[str, Any],
              final: bool = False, shards: Callable[[], dict[str, Any]] | None = None) -> SaveResult:
@@ -254,6 +258,10 @@ class Checkpointer:
         if verdict is None:
             self.commit(step)
             distributed.barrier(self.world)  # the step is committed on every rank
+            if history.due(self.cfg.keep_every_steps, step):  # collective: every rank decides alike
+                history.keep(self.folder, self.world, self.epoch, step, sums or {}, self._manifest, self.guard)
+            if self.uploads is not None:  # stages the step's files (hard links) for its background upload
+                self.uploads.committed(step, sums or {}, self._manifest)
             self.prune(step)
         else:
             self.discard()

@@ -44,6 +44,16 @@ def rank_name(slot: str, rank: int) -> str:
     return f"{slot}_rank{rank}.pt"
 
 
+def latest_file(role: str) -> str:
+    """The committed file of a manifest role: "global" → latest.pt, "rank<r>" → latest_rank<r>.pt; a shard's
+    role is its path in the checkpoints folder already."""
+    if role == "global":
+        return global_name(SLOTS[0])
+    if role.startswith("rank") and role[4:].isdigit():
+        return rank_name(SLOTS[0], int(role[4:]))
+    return role
+
+
 def tmp(path: Path, epoch: int | None = None) -> Path:
     """The name a file is written under before its commit; with the lease epoch, unique to one start."""
     return path.with_name(path.name + ("" if epoch is None else f".e{epoch}") + ".tmp")

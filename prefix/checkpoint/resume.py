@@ -143,6 +143,25 @@ def choose(folder: Path, world_size: int, ceilings: dict[int, int] | None = None
     return None, inspector.findings
 
 
+def verify_save(folder: Path, slot: str = SLOTS[0]) -> list[Finding]:
+    """What is wrong with the one save in `folder`'s `slot`, each file verified as `choose` verifies it: the
+    global file (and its sharded folder) and the file of every rank of its world. Empty: all usable.
+    For a folder that holds exactly one save: a kept step (`checkpoint/history.py`)."""
+    inspector = _Inspector(folder)
+    found = inspector.check(global_name(slot), "global")
+    if found is None:
+        return inspector.findings or [Finding(global_name(slot), "missing")]
+    step, world = found
+    for r in range(world):
+        name = rank_name(slot, r)
+        checked = inspector.check(name, f"rank{r}")
+        if checked is None and not any(f.file == name for f in inspector.findings):
+            inspector.findings.append(Finding(name, "missing"))
+        elif checked is not None and checked[0] != step:
+            inspector.findings.append(Finding(name, f"holds step {checked[0]}, not step {step}"))
+    return inspector.findings
+
+
 def log_findings(log: Any, choice: Resume | None, findings: list[Finding]) -> None:
     """One warning per unusable file, and one naming the step a fallback resumes from."""
     for f in findings:

@@ -12,15 +12,18 @@ from prefix.config.sections import (
     CheckpointConfig,
     Config,
     DataConfig,
+    MlflowConfig,
     ModelConfig,
     RopeScaling,
     RunConfig,
     StreamConfig,
     TelemetryConfig,
     TrainerConfig,
+    WandbConfig,
     WatchdogConfig,
 )
 
-__all__ = ["SECTIONS", "KEYWORD_KEYS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "ModelConfig",
-           "RopeScaling", "RunConfig", "StreamConfig", "TelemetryConfig", "TrainerConfig", "WatchdogConfig",
-           "check_world", "from_dict", "load", "parse_override", "parse_size", "read_yaml", "validate"]
+__all__ = ["SECTIONS", "KEYWORD_KEYS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "MlflowConfig",
+           "ModelConfig", "RopeScaling", "RunConfig", "StreamConfig", "TelemetryConfig", "TrainerConfig",
+           "WandbConfig", "WatchdogConfig", "check_world", "from_dict", "load", "parse_override", "parse_size",
+           "read_yaml", "validate"]

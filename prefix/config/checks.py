@@ -6,6 +6,7 @@ naming the key and the fix; entry points turn it into exit code 2.
 from __future__ import annotations
 
 import re
+from urllib.parse import urlparse
 
 from prefix.config.sections import Config
 from prefix.errors import UserError
@@ -16,6 +17,24 @@ class ConfigError(UserError):
 
     same_on_every_rank = True
 
+
+
+REMOTE_SCHEMES = ("s3", "gs", "oci")
+"""checkpoint.remote: the object stores mosaicml-streaming 0.13 can upload to, list and download from (and paths)."""
+UNLISTED_SCHEMES = ("hf", "azure", "azure-dl", "dbfs", "alipan", "sftp")
+"""streaming knows these, but cannot list them: a start could not find its checkpoints there."""
+
+
+def _remote_problem(url: str) -> str:
+    """Why `url` cannot be checkpoint.remote ("" when it can)."""
+    scheme = urlparse(url).scheme
+    if scheme in REMOTE_SCHEMES or (not scheme and url.strip()):
+        return ""
+    if not scheme:
+        return "must be unset or a URL such as s3://bucket/prefix"
+    known = "mosaicml-streaming 0.13 cannot list" if scheme in UNLISTED_SCHEMES else "mosaicml-streaming does not know"
+    return (f"{known} {scheme}:// (a start lists the remote to find its checkpoints); use s3:// (any S3-compatible "
+            "store, with S3_ENDPOINT_URL), gs://, oci:// or a local path")
 
 
 def _require(ok: bool, key: str, fix: str) -> None:
@@ -110,12 +129,19 @@ def validate(cfg: Config) -> None:
                                  "xxh3_128"),
              "data.validate_hash", "must be unset or a hash streaming knows, e.g. sha1 or xxh64")
     _require(c.every_steps >= 0, "checkpoint.every_steps", "must be 0 (off) or positive")
+    _require(c.keep_every_steps >= 0, "checkpoint.keep_every_steps", "must be 0 (off) or positive")
+    _require(c.remote is None or not _remote_problem(c.remote), "checkpoint.remote", _remote_problem(c.remote or ""))
+    _require(0 < c.remote_timeout_s <= cfg.distributed.timeout_s / 2, "checkpoint.remote_timeout_s",
+             f"must be positive and at most half of distributed.timeout_s ({cfg.distributed.timeout_s:g} s: the other "
+             "ranks wait while rank 0 reads the remote)")
     _require(c.every_seconds == "auto" or (isinstance(c.every_seconds, float) and c.every_seconds >= 0),
              "checkpoint.every_seconds", "must be 0 (off), a number of seconds or auto")
     _require(0 < c.min_seconds <= c.max_seconds, "checkpoint.min_seconds",
              "must be positive and at most checkpoint.max_seconds")
     _require(cfg.telemetry.system_every_s >= 0, "telemetry.system_every_s", "must be 0 (off) or positive")
     _require(cfg.telemetry.progress in ("auto", "always", "never"), "telemetry.progress", "must be auto, always or never")
+    _require(cfg.telemetry.wandb.mode in ("online", "offline", "disabled"), "telemetry.wandb.mode",
+             "must be online, offline or disabled")
     _require(cfg.watchdog.timeout_s >= 0, "watchdog.timeout_s", "must be 0 (off) or positive")
     _require(cfg.run.lease_timeout_s >= 1, "run.lease_timeout_s", "must be at least 1 second")
     _require(cfg.distributed.timeout_s >= 2 * cfg.run.lease_timeout_s + 10, "distributed.timeout_s",

@@ -48,15 +48,23 @@ def _value(value: Any) -> str:
 
 
 def describe(cfg: config.Config) -> str:
-    docs = field_docs()
     lines = ["# The resolved configuration (defaults, the config file, then the overrides); loads back with --config."]
-    for section, cls in config.SECTIONS.items():
+    for section in config.SECTIONS:
         lines.append(f"{section}:")
-        values = getattr(cfg, section)
-        for field in dataclasses.fields(cls):
-            value = getattr(values, field.name)
-            plain = ([dataclasses.asdict(v) for v in value] if field.name == "streams"
-                     else dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
-            doc = docs.get((cls.__name__, field.name))
-            lines.append(f"  {_key(field.name)}: {_value(plain)}" + (f"  # {doc}" if doc else ""))
+        _fields(lines, getattr(cfg, section), "  ")
     return "\n".join(lines) + "\n"
+
+
+def _fields(lines: list[str], values: Any, indent: str) -> None:
+    """One line per field with its doc; a section within the section (telemetry.wandb) as a block."""
+    docs = field_docs()
+    for field in dataclasses.fields(values):
+        value = getattr(values, field.name)
+        doc = docs.get((type(values).__name__, field.name))
+        if dataclasses.is_dataclass(value) and field.name != "rope_scaling":
+            lines.append(f"{indent}{_key(field.name)}:")
+            _fields(lines, value, indent + "  ")
+            continue
+        plain = ([dataclasses.asdict(v) for v in value] if field.name == "streams"
+                 else dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+        lines.append(f"{indent}{_key(field.name)}: {_value(plain)}" + (f"  # {doc}" if doc else ""))

@@ -151,8 +151,11 @@ def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Confi
             raise ConfigError(f"{path}: the file must hold a mapping of sections (run, data, model, ...)")
     for text in overrides:
         section, key, value = parse_override(text)
-        section_values = raw.setdefault(section, {})
-        if not isinstance(section_values, dict):
-            raise ConfigError(f"{section}: expected a mapping of keys in the config file")
-        section_values[key] = value
+        *parents, key = [section, *key.split(".")]  # telemetry.wandb.project: a section within a section
+        values = raw
+        for depth, name in enumerate(parents):
+            values = values.setdefault(name, {})
+            if not isinstance(values, dict):
+                raise ConfigError(f"{'.'.join(parents[:depth + 1])}: expected a mapping of keys in the config file")
+        values[key] = value
     return from_dict(raw)

@@ -171,8 +171,35 @@ class CheckpointConfig:
     """`every_seconds: auto` never waits longer than this (also its choice before any preemption)."""
     keep_previous: bool = True
     """Keep the previous checkpoint as prev*.pt: the fallback if latest is unusable."""
+    keep_every_steps: int = 0
+    """Also save every N-th step and keep it as checkpoints/step-<N>/ (hard links; never rotated); 0: off."""
     asynchronous: bool = True
     """`checkpoint.async`: write periodic checkpoints in a background thread from a snapshot."""
+    remote: str | None = None
+    """Also upload every committed checkpoint, in the background, to s3://bucket/prefix (gs://, oci:// or a path)
+    under <run name>/; a start whose volume holds no usable checkpoint resumes from there. Unset: off."""
+    remote_timeout_s: float = 60.0
+    """A start that needs checkpoint.remote retries an unreachable one this long, then exits 2."""
+
+
+@dataclass
+class WandbConfig:
+    project: str | None = None
+    """Log to Weights & Biases in this project (needs the wandb extra); unset: off."""
+    entity: str | None = None
+    """The W&B team or user; unset: your default entity."""
+    mode: str = "online"
+    """online, offline (files in wandb/ under the run directory, `wandb sync` later) or disabled."""
+    group: str | None = None
+    """Group W&B runs (e.g. a sweep); unset: the run's experiment."""
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None
+    """Log to the MLflow tracking server at this URI (needs the mlflow extra); unset: off."""
+    experiment: str | None = None
+    """The MLflow experiment; unset: the run's experiment (the config file's name or --experiment)."""
 
 
 @dataclass
@@ -185,6 +212,8 @@ class TelemetryConfig:
     """Also write the metric series as TensorBoard events in tb/ (needs the tensorboard extra)."""
     progress: str = "auto"
     """Rank 0's progress bar: auto (when stderr is a terminal, so never in a pod), always or never."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass

@@ -113,7 +113,12 @@ def ceilings(run: Path) -> dict[int, int]:
     folder = run / FOLDER
     if not folder.is_dir():
         return {}
-    resumed = {e: read_claim(p).get("resumed_step") for e, p in claims(folder).items()}
+    return limits_of({e: read_claim(p).get("resumed_step") for e, p in claims(folder).items()})
+
+
+def limits_of(resumed: dict[int, int | None]) -> dict[int, int]:
+    """Epoch → ceiling, from the step each epoch resumed from (None: unknown): the lowest resume point
+    of any later epoch (the volume's claims here; a remote's manifests in checkpoint.remote_store)."""
     limits, lowest = {}, None
     for epoch in sorted(resumed, reverse=True):
         if lowest is not None:

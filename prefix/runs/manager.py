@@ -12,7 +12,7 @@ import dataclasses
 import json
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from prefix.runs.layout import (
     write_atomically,
 )
 from prefix.runs.registry import Registry, Writer
-from prefix.telemetry import Metrics
+from prefix.telemetry import Metrics, RunInfo, Tracker
 from prefix.watchdog import read_heartbeat
 
 
@@ -41,12 +41,12 @@ def last_step_seen(run_dir: RunDir, state: dict[str, Any]) -> int:
 
 class RunManager:
     def __init__(self, run_dir: RunDir, experiment: str, registry: Registry | None, log: Any,
-                 main: bool = True, tensorboard: bool = False, relabel: bool = True):
+                 main: bool = True, trackers: Sequence[Tracker] = (), relabel: bool = True):
         """`experiment` labels a new run; a run that exists keeps its first label unless `relabel`."""
         self.dir, self.experiment, self.registry, self.log, self.main = run_dir, experiment, registry, log, main
         self.relabel = relabel
         self.state: dict[str, Any] = {}
-        self.metrics = Metrics(run_dir.metrics, enabled=main, tensorboard=tensorboard, tb_folder=run_dir.tb)
+        self.metrics = Metrics(run_dir.metrics, enabled=main, trackers=trackers)
         self._writer: Writer | None = None
         self.guard: Callable[[], None] = lambda: None
         """Called before every write into the run (the lease's fence: exits if another start took over)."""
@@ -112,6 +112,8 @@ class RunManager:
                       "target_step": target_step, "restarts": len(starts), "exit_code": None}
         self._writer = Writer(self.registry, self.log) if self.registry is not None else None
         self._save()
+        self.metrics.start(RunInfo(self.name, self.dir.path, self.experiment, self.state["created"], config,
+                                   start_step, len(starts), entry))
         return len(starts)
 
     def log_metadata(self, obj: Any, name: str, format: str = "json") -> Path | None:
@@ -144,15 +146,22 @@ class RunManager:
             self.state.update(fields, updated=time.time())
             self._save()
 
-    def finish(self, exit_code: int, step: int | None = None) -> None:
-        """The run's status from how this start ends; flushes the registry (bounded wait)."""
+    def finish(self, exit_code: int, step: int | None = None, report: Callable[[], list[Path]] | None = None) -> None:
+        """The run's status from how this start ends; flushes the registry and trackers (bounded waits).
+
+        When the run completed, the trackers get its final metrics and `report()`'s files."""
+        completed = False
         if self.main and self.state:
             fields = {"status": EXIT_STATUS.get(exit_code, "crashed"), "exit_code": exit_code}
             self.update(**fields, **({"step": step} if step is not None else {}))
-        self.close()
+            completed = exit_code == 0 and step is not None and step >= self.state.get("target_step", step + 1)
+        self.close(completed, report)
 
-    def close(self) -> None:
-        self.metrics.close()
+    def close(self, completed: bool = False, report: Callable[[], list[Path]] | None = None) -> None:
+        if completed and self.metrics.trackers:
+            self.guard()  # the report is written into the run
+        artifacts = _report_files(report, self.log) if completed and self.metrics.trackers else []
+        self.metrics.close(self.metrics.summary() if completed else None, artifacts)
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -165,3 +174,14 @@ class RunManager:
             self.log.warning("meta/run.json not written", error=str(e))
         if self._writer is not None:
             self._writer.put({**self.state, "path": str(self.dir.path)})
+
+
+def _report_files(report: Callable[[], list[Path]] | None, log: Any) -> list[Path]:
+    """The report's figures and summary for the trackers; a report that fails costs only them."""
+    if report is None:
+        return []
+    try:
+        return report()
+    except Exception as e:
+        log.warning("report for the trackers not written", error=f"{type(e).__name__}: {e}")
+        return []

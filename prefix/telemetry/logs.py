@@ -1,29 +1,22 @@
-"""Structured logs and metrics files.
+"""Structured logs and the progress bar.
 
 Logs go through structlog: JSON lines in `logs/rank{r}.jsonl` for machines, readable lines on
-stderr for people (rank 0 only, other ranks show warnings and errors). Metrics are JSON lines in
-`metrics/<split>.jsonl`, each with `step` and a wall-clock `time`, written by rank 0, and
-optionally TensorBoard events in `tb/` (docs/metrics.md). On a terminal, rank 0 also shows a
-progress bar; in a pod (stderr is no terminal) there are log lines only. Both files are appended
-through an `Appender`, so a full or failing volume costs log lines, never training.
+stderr for people (rank 0 only, other ranks show warnings and errors). On a terminal, rank 0 also
+shows a progress bar; in a pod (stderr is no terminal) there are log lines only. The file is
+appended through an `Appender`, so a full or failing volume costs log lines, never training.
 """
 
 from __future__ import annotations
 
 import atexit
-import json
 import logging
-import numbers
 import sys
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from prefix.appender import Appender, log_report
+from prefix.appender import Appender
 
 
 class _Console:
@@ -133,103 +126,3 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = _console.bar = None
-
-
-class _TensorBoard:
-    """Scalars as TensorBoard events in `folder`, from any thread (the system sampler's too).
-
-    SummaryWriter serialises an event and queues it; its own thread writes the file (flushed every
-    10 s and at close), so the step loop pays microseconds. The writer opens at the first value,
-    with `purge_step` when known: TensorBoard then drops a previous start's events from that step on,
-    the steps a resume redoes. A failure turns TensorBoard off, never training.
-    """
-
-    def __init__(self, folder: Path, writer_class: Any):
-        self.folder, self._writer_class = folder, writer_class
-        self._writer: Any = None
-        self._lock = threading.Lock()  # SummaryWriter reopens itself when used after close()
-        self._off = self._failed = False
-        self.purge_step: int | None = None
-
-    def scalars(self, prefix: str, step: int, values: dict[str, Any]) -> None:
-        numeric = {k: float(v) for k, v in values.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
-        with self._lock:
-            if self._off or not numeric:
-                return
-            try:
-                if self._writer is None:
-                    self._writer = self._writer_class(str(self.folder), max_queue=1000, flush_secs=10,
-                                                        purge_step=self.purge_step)
-                for name, value in numeric.items():
-                    self._writer.add_scalar(f"{prefix}/{name}", value, step)
-            except Exception as e:
-                self._off = self._failed = True
-                structlog.get_logger().warning("tensorboard: writing events failed; tb/ is no longer written",
-                                               folder=str(self.folder), error=f"{type(e).__name__}: {e}")
-
-    def close(self) -> None:
-        with self._lock:
-            self._off = True
-            if self._writer is not None:
-                try:
-                    self._writer.close()  # flushes; raises what its thread hit (a full disk)
-                except Exception as e:
-                    if not self._failed:  # else already said
-                        structlog.get_logger().warning("tensorboard: closing the event file failed",
-                                                       folder=str(self.folder), error=f"{type(e).__name__}: {e}")
-
-
-def _summary_writer() -> Any:
-    """torch's SummaryWriter, or None when the tensorboard package is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # ImportError, or a tensorboard/protobuf mismatch: no events, training goes on
-        return None
-    return SummaryWriter
-
-
-class Metrics:
-    """Appends metric records to `metrics/<split>.jsonl` (only where enabled: rank 0).
-
-    With `tensorboard` (and the tensorboard package installed), every numeric value also becomes
-    the scalar `<split>/<name>` at `step` in `tb_folder` (default: `tb/` beside `metrics/`). Lines go
-    through an Appender: a full volume delays or drops them, never raises; `before_write` (settable
-    later) is called before every append.
-    """
-
-    def __init__(self, folder: Path, enabled: bool, tensorboard: bool = False, tb_folder: Path | None = None,
-                 before_write: Callable[[], None] | None = None):
-        self.folder = folder
-        self.enabled = enabled
-        self.sink = Appender("metrics", log_report(), before_write=before_write)
-        writer_class = _summary_writer() if enabled and tensorboard else None
-        self._tb = _TensorBoard(tb_folder or folder.parent / "tb", writer_class) if writer_class else None
-
-    @property
-    def before_write(self) -> Callable[[], None] | None:
-        return self.sink.before_write
-
-    @before_write.setter
-    def before_write(self, hook: Callable[[], None] | None) -> None:
-        self.sink.before_write = hook
-
-    def write(self, split: str, step: int, **values: Any) -> None:
-        if not self.enabled:
-            return
-        self.sink.append(f"{self.folder}/{split}.jsonl", json.dumps({"step": step, "time": time.time(), **values}))
-        self.scalars(split, step, values)
-
-    def starting_at(self, step: int) -> None:
-        """This start trains the steps after `step`: TensorBoard hides a previous start's events past it."""
-        if self._tb is not None:
-            self._tb.purge_step = step + 1
-
-    def scalars(self, prefix: str, step: int, values: dict[str, Any]) -> None:
-        """TensorBoard only (thread-safe): `<prefix>/<name>` for each numeric value."""
-        if self.enabled and self._tb is not None:
-            self._tb.scalars(prefix, step, values)
-
-    def close(self) -> None:
-        self.sink.close()
-        if self._tb is not None:
-            self._tb.close()

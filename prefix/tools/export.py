@@ -1,10 +1,12 @@
-"""`prefix export RUN --out DIR`: a run's checkpoint as a Hugging Face folder (prefix.hf converts).
+"""`prefix export RUN --out DIR [--step N]`: a run's checkpoint as a Hugging Face folder (prefix.hf converts).
 
 The folder holds `model.safetensors`, a `config.json` for the run's `model.family` (`LlamaForCausalLM`,
 `MistralForCausalLM` or `Qwen2ForCausalLM`), prefix's copy of the run's tokenizer (`tokenizer/`) and,
 where transformers can use it, `tokenizer.json`. It is written
 under a temporary name and renamed into place, so an interrupted export never looks finished.
-See docs/interop.md.
+`--step N` exports the step `checkpoint.keep_every_steps` kept in `checkpoints/step-<N>/` (verified whole
+first); `read_checkpoint` is the one reading of a run's checkpoint that `prefix sample` shares.
+See docs/interop.md and docs/checkpoints.md#history.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefix.errors import UserError
 from prefix.runs import RunDir, add_runs_root, runs_root
+
+if TYPE_CHECKING:
+    from prefix.state import TrainState
 
 
 def _byte_chars() -> list[str]:
@@ -61,20 +67,34 @@ def write_tokenizer(folder: Path, tokenizer, seq_len: int) -> list[str]:
     return [f"{tokenizers.COPY}/", "tokenizer.json", "tokenizer_config.json"]
 
 
-def export(run_dir, out: Path, which: str = "latest", force: bool = False) -> str:
-    """Write the checkpoint as a Hugging Face folder of its model.family at `out`; returns a one-line summary."""
+def read_checkpoint(checkpoints: Path, which: str = "latest", step: int | None = None) -> tuple[TrainState, str]:
+    """`read_verified(checkpoints, which)`, or with `step` the kept step's folder, verified whole; (TrainState, name)."""
+    from prefix.checkpoint import global_name, history
+    from prefix.state import read_verified
+
+    if step is None:
+        return read_verified(checkpoints, which)
+    if which != "latest":
+        raise UserError(f"--step {step} and --checkpoint {which}: pass one of them")
+    folder = history.verified(checkpoints, step)
+    state, _ = read_verified(checkpoints, str(folder / global_name("latest")))  # verified above: read it
+    return state, f"{folder.name}/"
+
+
+def export(run_dir, out: Path, which: str = "latest", force: bool = False, step: int | None = None) -> str:
+    """Write the checkpoint (`which`, or the kept `step`) as a Hugging Face folder of its model.family at `out`;
+    returns a one-line summary."""
     from safetensors.torch import save_file
 
     from prefix.data import tokenizers
     from prefix.data.corpus import commit, staging
     from prefix.hf import CONFIG, WEIGHTS, hf_config, to_hf
-    from prefix.state import read_verified
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out}: not empty; pass --force to replace it, or choose another --out")
-    state, name = read_verified(run_dir.checkpoints, which)
+    state, name = read_checkpoint(run_dir.checkpoints, which, step)
     m = state.model_config()
     tokenizer = tokenizers.from_dataset(run_dir.meta / tokenizers.COPY)
     tensors = to_hf(state.model, m)
@@ -101,11 +121,12 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder to write (created; must be empty unless --force)")
     p.add_argument("--checkpoint", default="latest",
                    help="latest (the newest verified checkpoint, as a resume picks it), prev, or a file path")
+    p.add_argument("--step", type=int, help="the step checkpoint.keep_every_steps kept (checkpoints/step-<N>/)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     add_runs_root(p)
 
 
 def run(args: argparse.Namespace) -> int:
     print(export(RunDir(runs_root(args.runs_root) / args.run), Path(args.out).expanduser(), args.checkpoint,
-                 args.force))
+                 args.force, args.step))
     return 0

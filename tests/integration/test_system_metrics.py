@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -13,9 +14,10 @@ import structlog.testing
 import torch
 from helpers import read_jsonl, run, train_cmd
 
-from prefix import telemetry
+from prefix.config import TelemetryConfig
 from prefix.system_metrics import SystemSampler
-from prefix.telemetry import Metrics
+from prefix.telemetry import Metrics, RunInfo, trackers_for
+from prefix.telemetry import tensorboard as tensorboard_tracker
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -40,6 +42,14 @@ def scalars_of(tb: Path) -> dict[str, dict[int, float]]:
     acc = EventAccumulator(str(tb))
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def tensorboard_metrics(root: Path, start_step: int = 0, tb: Path | None = None) -> Metrics:
+    """Rank 0's Metrics with the TensorBoard tracker, started at `start_step` as a resumed start would be."""
+    (root / "meta").mkdir(parents=True, exist_ok=True)
+    metrics = Metrics(root / "metrics", enabled=True, trackers=trackers_for(TelemetryConfig(), tb or root / "tb"))
+    metrics.start(RunInfo("r", root, "test", 0.0, {"trainer": {"lr": 0.1}}, start_step))
+    return metrics
 
 
 def test_sampler_writes_system_and_network_lines(tmp_path: Path) -> None:
@@ -88,8 +98,7 @@ def test_a_failing_part_is_logged_once_and_the_rest_goes_on(tmp_path: Path) -> N
 
 
 def test_tensorboard_scalars_from_two_threads_and_a_resume(tmp_path: Path) -> None:
-    first = Metrics(tmp_path / "metrics", enabled=True, tensorboard=True)
-    first.starting_at(0)
+    first = tensorboard_metrics(tmp_path)
     side = threading.Thread(target=lambda: [first.scalars("system", s, {"x": s}) for s in range(1, 201)])
     side.start()
     for step in range(1, 21):
@@ -98,8 +107,7 @@ def test_tensorboard_scalars_from_two_threads_and_a_resume(tmp_path: Path) -> No
     first.close()
     first.write("train", 21, loss=21.0)  # after close: the JSON line only, no writer reopened
     time.sleep(1.01 - time.time() % 1)  # event files are read in name order, which starts with the second
-    second = Metrics(tmp_path / "metrics", enabled=True, tensorboard=True)
-    second.starting_at(10)  # resumed from the checkpoint at step 10: steps 11.. are redone
+    second = tensorboard_metrics(tmp_path, start_step=10)  # resumed from step 10: steps 11.. are redone
     for step in range(11, 16):
         second.write("train", step, loss=100.0 + step)
     second.close()
@@ -111,8 +119,8 @@ def test_tensorboard_scalars_from_two_threads_and_a_resume(tmp_path: Path) -> No
 
 
 def test_without_the_tensorboard_package_metrics_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(telemetry, "_summary_writer", lambda: None)
-    metrics = Metrics(tmp_path / "metrics", enabled=True, tensorboard=True)
+    monkeypatch.setattr(tensorboard_tracker, "summary_writer", lambda: None)
+    metrics = tensorboard_metrics(tmp_path)
     metrics.write("train", 1, loss=1.0)
     metrics.close()
     assert read_jsonl(tmp_path / "metrics" / "train.jsonl")[0]["loss"] == 1.0
@@ -120,26 +128,58 @@ def test_without_the_tensorboard_package_metrics_go_on(tmp_path: Path, monkeypat
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # tensorboard's writer thread
-def test_a_full_disk_turns_tensorboard_off_not_training(tmp_path: Path, tmpfs) -> None:
+def test_a_full_disk_costs_tensorboard_events_not_training(tmp_path: Path, tmpfs) -> None:
     tmpfs(tmp_path / "small", 64)
-    metrics = Metrics(tmp_path / "metrics", enabled=True, tensorboard=True, tb_folder=tmp_path / "small" / "tb")
     with structlog.testing.capture_logs() as logs:
-        deadline = time.monotonic() + 20
-        while not metrics._tb._off and time.monotonic() < deadline:
+        metrics = tensorboard_metrics(tmp_path, tb=tmp_path / "small" / "tb")
+        step, deadline = 0, time.monotonic() + 20
+        while not logs and time.monotonic() < deadline:
             for _ in range(100):
-                metrics.write("train", 1, loss=1.0, lr=2.0)
-            time.sleep(0.01)  # the writer's thread meets the full disk; the next write hears of it
-        metrics.write("train", 2, loss=1.0)
+                step += 1
+                metrics.write("train", step, loss=1.0, lr=2.0)  # never raises, never waits
+            time.sleep(0.01)  # the writer's thread meets the full disk; the relay hears of it
+        metrics.write("train", step + 1, loss=1.0)
         metrics.close()
-    assert [entry["event"] for entry in logs] == ["tensorboard: writing events failed; tb/ is no longer written"]
-    assert "No space left" in logs[0]["error"]
-    assert read_jsonl(tmp_path / "metrics" / "train.jsonl")[-1]["step"] == 2
+    failed = [e for e in logs if e["event"] == "tracker: log failed; training goes on, retrying"]
+    assert len(failed) == 1 and failed[0]["tracker"] == "tensorboard", logs  # said once, not per retry
+    assert "No space left" in failed[0]["error"]
+    assert read_jsonl(tmp_path / "metrics" / "train.jsonl")[-1]["step"] == step + 1
+
+
+def texts_of(tb: Path) -> dict[str, dict[int, str]]:
+    acc = EventAccumulator(str(tb), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {tag.split("/")[0]: {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag)}
+            for tag in acc.Tags()["tensors"] if tag.endswith("/text_summary")}
+
+
+def hparams_of(tb: Path) -> Any:
+    """The hparams a session started with (TensorBoard's hparams plugin data: no scalar of its own)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for file in sorted(tb.iterdir()):
+        for event in EventFileLoader(str(file)).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "hparams":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    if data.HasField("session_start_info"):
+                        return data.session_start_info.hparams
+    raise AssertionError(f"no hparams in {tb}")
 
 
 def test_a_training_run_writes_system_metrics_and_tensorboard_events(tmp_path: Path) -> None:
-    result = run(train_cmd(0, "r", tmp_path, "telemetry.system_every_s=0.2", "trainer.max_steps=30"))
+    result = run(train_cmd(0, "r", tmp_path, "telemetry.system_every_s=0.2", "trainer.max_steps=30",
+                           "trainer.sample_every=20", "trainer.sample_tokens=8"))
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "r"
+    texts = texts_of(run_dir / "tb")
+    assert "max_steps: 30" in texts["config"][0]  # the resolved config, as YAML
+    samples = [json.loads(line) for line in (run_dir / "metrics" / "samples.jsonl").read_text().splitlines()]
+    assert sorted(texts["samples"]) == sorted({s["step"] for s in samples}) == [20]
+    assert samples[0]["text"] in texts["samples"][20]
+    assert texts["restarts"][0].startswith("restart: 0")
+    assert hparams_of(run_dir / "tb")["trainer.max_steps"].number_value == 30  # beside the final metrics
     train = read_jsonl(run_dir / "metrics" / "train.jsonl")
     system = read_jsonl(run_dir / "metrics" / "system.jsonl")
     network = read_jsonl(run_dir / "metrics" / "network.jsonl")
@@ -147,7 +187,8 @@ def test_a_training_run_writes_system_metrics_and_tensorboard_events(tmp_path: P
     tb = scalars_of(run_dir / "tb")
     assert tb["train/loss"] == pytest.approx({line["step"]: line["loss"] for line in train})
     assert sorted(tb["eval/val_loss"]) == [20, 30]
-    assert {"system/rss_bytes", "network/recv_bytes_per_s", "train/tokens_per_sec"} <= set(tb)
+    assert {"system/rss_bytes", "network/recv_bytes_per_s", "train/tokens_per_sec", "hparam/eval/val_loss"} <= set(tb)
+    assert not [tag for tag in tb if tag.startswith("time/")]  # the goodput ledger is not a curve
 
     off = run(train_cmd(0, "off", tmp_path, "telemetry.tensorboard=false", "trainer.max_steps=10"))
     assert off.returncode == 0, off.stderr[-3000:]
