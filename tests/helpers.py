@@ -136,6 +136,21 @@ def wandb_records(run_folder: Path) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
 
+def wandb_folders(wandb_dir: Path) -> list[Path]:
+    """The offline run folders in `wandb_dir`, oldest first (wandb names them offline-run-<time>-<id>,
+    with -1, -2, ... when two start in the same second)."""
+    def made(folder: Path) -> tuple[str, int]:
+        parts = folder.name.split("-")
+        return parts[2], int(parts[4]) if len(parts) > 4 else 0
+
+    return sorted(wandb_dir.glob("offline-run-*"), key=made)
+
+
+def wandb_runs(wandb_dir: Path) -> list[list[dict]]:
+    """`wandb_records` of each offline run folder in `wandb_dir`, oldest first."""
+    return [wandb_records(folder) for folder in wandb_folders(wandb_dir)]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     """Loss per step from metrics/train.jsonl; a step redone after a crash keeps its last value."""
     return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics" / "train.jsonl")}

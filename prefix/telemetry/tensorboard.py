@@ -41,7 +41,9 @@ class TensorBoard(Tracker):
 
     def log(self, records: list[Record]) -> None:
         try:
-            self._write(self._open_writer(), records)
+            writer = self._open_writer()
+            self._write(writer, records)
+            writer.flush()  # on disk (the OS's) before the relay counts them held: a SIGKILL keeps them
         except Exception:
             self._discard()  # a writer whose thread failed stays failed: the retry opens a new one
             raise

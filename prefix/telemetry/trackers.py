@@ -149,6 +149,7 @@ class Relay:
         self.lines_before = {split: _size(metrics / f"{split}.jsonl") for split in SPLITS}
         self.held: dict[str, int] = {}
         self._prompts: dict[str, set[Any]] = {}  # the prompts sampled at the held step of `samples`
+        self._opened_at: dict[str, int] = {}  # held at open: a step a previous start logged, all of it
         self.dropped = 0
         self._wake = threading.Condition()
         self._closing = False
@@ -210,6 +211,7 @@ class Relay:
         saved = self.cursor.of(self.tracker.name)
         told = self.tracker.open(run, saved)
         self.held = {**saved.get("held", {}), **told}  # what the tracker says beats our cursor
+        self._opened_at = dict(self.held)
         self._deliver(list(self._earlier_lines(run.start_step)), save_always=True)
 
     def _earlier_lines(self, start_step: int) -> Iterable[Record]:
@@ -231,7 +233,8 @@ class Relay:
             elif r.step > last:
                 fresh.append(r)
                 seen[r.split], prompts[r.split] = r.step, {r.values.get("prompt")}
-            elif r.split == "samples" and r.step == last and r.values.get("prompt") not in prompts.get(r.split, {}):
+            elif (r.split == "samples" and r.step == last and r.step != self._opened_at.get(r.split)
+                  and r.values.get("prompt") not in prompts.get(r.split, {})):
                 fresh.append(r)  # one sample per prompt at a step: a step's records, not a step again
                 prompts.setdefault(r.split, set()).add(r.values.get("prompt"))
         if fresh and not self._attempt("log", lambda: self.tracker.log(fresh)):

@@ -145,3 +145,16 @@ def test_every_prompt_of_a_sample_step_is_sent_once(tmp_path: Path) -> None:
     m.close()
     assert [(r.step, r.values["text"]) for r in book.records if r.split == "samples"] == [
         (10, "def 10"), (10, "class 10"), (20, "def 20"), (20, "class 20")]
+
+
+def test_a_sample_step_a_previous_start_logged_is_not_sent_again(tmp_path: Path) -> None:
+    m = start(tmp_path, Notebook())
+    m.write("samples", 10, prompt="def ", text="first")
+    m.close()
+    again = Notebook()
+    m = start(tmp_path, again, start_step=5)  # redoes step 10, samples included
+    m.write("samples", 10, prompt="def ", text="redone")
+    m.write("samples", 10, prompt="class ", text="redone")
+    m.write("samples", 20, prompt="def ", text="new")
+    m.close()
+    assert [(r.step, r.values["text"]) for r in again.records if r.split == "samples"] == [(20, "new")]
