@@ -130,6 +130,8 @@ def read_jsonl(path: Path) -> list[dict]:
 def wandb_records(run_folder: Path) -> list[dict]:
     """The records of a W&B run folder's `.wandb` transaction log, read by W&B's own reader
     (`wandb leet inspect --json`: one JSON object per record, offline, nothing sent anywhere)."""
+    if not list(run_folder.glob("*.wandb")):
+        return []  # wandb made the folder, then the start was gone before wandb-core opened its log
     result = run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_folder)], timeout=120,
                  env={"WANDB_MODE": "offline", "WANDB_ERROR_REPORTING": "false"})
     assert result.returncode == 0, result.stderr[-2000:]

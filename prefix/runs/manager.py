@@ -158,9 +158,10 @@ class RunManager:
         self.close(completed, report)
 
     def close(self, completed: bool = False, report: Callable[[], list[Path]] | None = None) -> None:
-        if completed and self.metrics.trackers:
+        files = completed and any(t.keeps_files for t in self.metrics.trackers)
+        if files:
             self.guard()  # the report is written into the run
-        artifacts = _report_files(report, self.log) if completed and self.metrics.trackers else []
+        artifacts = _report_files(report, self.log) if files else []
         self.metrics.close(self.metrics.summary() if completed else None, artifacts)
         if self._writer is not None:
             self._writer.close()

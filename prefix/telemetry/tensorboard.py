@@ -26,6 +26,7 @@ def summary_writer() -> Any:
 
 class TensorBoard(Tracker):
     name = "tensorboard"
+    keeps_files = False  # hparams and final metrics only
 
     def __init__(self, folder: Path, writer_class: Any):
         self.folder, self._writer_class = folder, writer_class

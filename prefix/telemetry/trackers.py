@@ -91,6 +91,8 @@ class Tracker:
     """
 
     name = "tracker"
+    keeps_files = True
+    """Whether `finish` keeps the report's files: only then does a completed run write `report/` for it."""
 
     def open(self, run: RunInfo, saved: dict[str, Any]) -> dict[str, int]:
         """Connect and find or create THE tracker run of this prefix run (the same on every restart:
