@@ -131,7 +131,7 @@ def validate(cfg: Config) -> None:
     _require(c.every_steps >= 0, "checkpoint.every_steps", "must be 0 (off) or positive")
     _require(c.keep_every_steps >= 0, "checkpoint.keep_every_steps", "must be 0 (off) or positive")
     _require(c.remote is None or not _remote_problem(c.remote), "checkpoint.remote", _remote_problem(c.remote or ""))
-    _require(0 < c.remote_timeout_s <= cfg.distributed.timeout_s / 2, "checkpoint.remote_timeout_s",
+    _require(c.remote is None or 0 < c.remote_timeout_s <= cfg.distributed.timeout_s / 2, "checkpoint.remote_timeout_s",
              f"must be positive and at most half of distributed.timeout_s ({cfg.distributed.timeout_s:g} s: the other "
              "ranks wait while rank 0 reads the remote)")
     _require(c.every_seconds == "auto" or (isinstance(c.every_seconds, float) and c.every_seconds >= 0),

@@ -94,7 +94,9 @@ def test_config_accepts_exactly_the_schemes_streaming_can_list():
         with pytest.raises(ConfigError, match=f"checkpoint.remote: mosaicml-streaming.*{fragment}"):
             config.load(None, [f"checkpoint.remote={bad}"])
     with pytest.raises(ConfigError, match="checkpoint.remote_timeout_s: must be positive and at most half"):
-        config.load(None, ["checkpoint.remote_timeout_s=1000"])
+        config.load(None, ["checkpoint.remote=/mnt/copies", "checkpoint.remote_timeout_s=1000"])
+    # without a remote the timeout is never used, so a short distributed.timeout_s is not refused for it
+    assert config.load(None, ["distributed.timeout_s=20", "run.lease_timeout_s=5"]).distributed.timeout_s == 20
 
 
 def test_store_puts_lists_gets_and_deletes(tmp_path: Path):
