@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -85,11 +86,9 @@ def peer_lost(error: BaseException) -> bool:
                                       "Connection reset by peer", "Broken pipe"))
 
 
-def init(device_preference: str = "auto", timeout_s: float = 600, always_group: bool = False) -> World:
-    """Read torchrun's environment and join the process group (nccl on CUDA, gloo otherwise).
-
-    always_group: create one even for a single process (FSDP's device mesh needs it); without
-    torchrun's rendezvous it is a group of one over an in-memory store."""
+def local(device_preference: str = "auto") -> World:
+    """This process's place in torchrun's environment and its device, before any process group exists: what a
+    start checks, and takes the run's lease with, while the group comes up (`join`)."""
     rank, world_size, local_rank = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
     local_world = _env_int("LOCAL_WORLD_SIZE", world_size)
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
@@ -102,15 +101,29 @@ def init(device_preference: str = "auto", timeout_s: float = 600, always_group: 
         # gradient all-reduce cannot run on MPS tensors (pytorch/pytorch#160732).
         raise UserError(f"trainer.device: mps runs one process, not {world_size}; launch without torchrun "
                         "(or --nproc-per-node 1), or use trainer.device=cpu for several ranks")
-    global _TIMEOUT
-    _TIMEOUT = timedelta(seconds=timeout_s)
-    if (world_size > 1 or always_group) and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"  # gloo: CPU (and MPS laptops, one process)
-        alone = {} if world_size > 1 or not missing else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **alone)
     if device.type == "cpu":  # share the cores among the ranks of this machine
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return World(rank, local_rank, world_size, local_world, device)
+
+
+def join(world: World, timeout_s: float = 600, always_group: bool = False) -> World:
+    """Join the process group (nccl on CUDA, gloo otherwise); `world` is `local`'s.
+
+    always_group: create one even for a single process (FSDP's device mesh needs it); without
+    torchrun's rendezvous it is a group of one over an in-memory store."""
+    global _TIMEOUT
+    _TIMEOUT = timedelta(seconds=timeout_s)
+    if (world.world_size > 1 or always_group) and not dist.is_initialized():
+        backend = "nccl" if world.device.type == "cuda" else "gloo"  # gloo: CPU (and MPS laptops, one process)
+        torchrun = all(v in os.environ for v in ("RANK", "MASTER_ADDR", "MASTER_PORT"))
+        alone = {} if world.world_size > 1 or torchrun else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **alone)
+    return world
+
+
+def init(device_preference: str = "auto", timeout_s: float = 600, always_group: bool = False) -> World:
+    """Read torchrun's environment and join the process group: `local`, then `join`."""
+    return join(local(device_preference), timeout_s, always_group)
 
 
 def dtensor_type() -> type | None:
@@ -136,12 +149,12 @@ def all_sum(world: World, values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def broadcast(world: World, obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
+def broadcast(world: World, obj: Any, group: Any = None) -> Any:
+    """Rank 0's `obj` on every rank (over `group`, a gloo group, when given)."""
     if not world.distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, device=world.device)
+    dist.broadcast_object_list(box, src=0, device=world.device if group is None else None, group=group)
     return box[0]
 
 
@@ -160,12 +173,42 @@ def on_main(world: World, fn: Callable[[], T]) -> T:
     return result
 
 
-def gather(world: World, obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order, on rank 0 (an empty list elsewhere)."""
+class Ahead(Generic[T]):
+    """`on_main` begun early: rank 0 runs `fn` in a thread from now on (the process group need not exist yet),
+    while every rank goes on with its own work; `result()`, a collective, then gives every rank its value or
+    raises on every rank the UserError it raised. What a start reads ahead of needing it (its checkpoint,
+    verified while the group comes up and the imports run)."""
+
+    def __init__(self, world: World, fn: Callable[[], T]):
+        self.world = world
+        self._outcome: tuple[Any, BaseException | None] = (None, None)
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="prefix-ahead", daemon=True)
+        if world.is_main:
+            self._thread.start()
+
+    def _run(self, fn: Callable[[], T]) -> None:
+        try:
+            self._outcome = (fn(), None)
+        except BaseException as e:  # noqa: BLE001 (raised again by result(), on the caller's thread)
+            self._outcome = (None, e)
+
+    def result(self) -> T:
+        def outcome() -> T:
+            self._thread.join()
+            value, error = self._outcome
+            if error is not None:
+                raise error
+            return value
+
+        return on_main(self.world, outcome)
+
+
+def gather(world: World, obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's `obj`, in rank order, on rank 0 (an empty list elsewhere); over `group` when given."""
     if not world.distributed:
         return [obj]
     box: list[Any] | None = [None] * world.world_size if world.is_main else None
-    dist.gather_object(obj, box, dst=0)
+    dist.gather_object(obj, box, dst=0, group=group)
     return box or []
 
 

@@ -7,7 +7,9 @@ Wires the components together and nothing more. Exit codes: 0 finished (or alrea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,47 +62,93 @@ def train(args: argparse.Namespace) -> int:
     run_dir = RunDir(root / name)
     run_dir.check()
     fsdp = cfg.trainer.parallelism == "fsdp"
-    # FSDP's mesh needs a process group, even of one
-    world = distributed.init(cfg.trainer.device, cfg.distributed.timeout_s, always_group=fsdp)
+    world = distributed.local(cfg.trainer.device)  # no process group yet: it comes up while rank 0 reads ahead
+    try:
+        accum, refused = check(cfg, world), None  # what cannot run is refused before anything is read
+    except UserError as e:  # raised once every rank joined the group: rank 0, which says it, is then there
+        accum, refused = 0, e
+    log = setup_logging(world.rank)  # console only: nothing is written before every check passed
+    preemption = Preemption()
+    taken = None if refused else take_lease(world, run_dir, cfg.run.lease_timeout_s, log, preemption)  # one writer
+    lease = None if isinstance(taken, UserError) else taken  # rank 0's, until share_lease
+    try:
+        # Rank 0 verifies the checkpoint in a thread while the process group comes up and the start imports what
+        # it needs; `start` waits for the answer where it uses it (docs/performance.md#restart-time).
+        reading = None if cfg.checkpoint.remote or refused or isinstance(taken, UserError) else \
+            distributed.Ahead(world, partial(read_ahead, world, run_dir))
+        world = distributed.join(world, cfg.distributed.timeout_s, always_group=fsdp)  # FSDP's mesh: even of one
+        if refused:
+            raise refused
+        lease = share_lease(world, taken, run_dir, cfg.run.lease_timeout_s, log, preemption)
+        return start(args, cfg, world, run_dir, accum, lease, preemption, log, reading)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def check(cfg: Any, world: Any) -> int:
+    """The checks that need the world size: gradient-accumulation steps, and memory enough (a run that cannot
+    fit is refused before any data or checkpoint is read)."""
+    from prefix import config
+
     accum = config.check_world(cfg, world.world_size)
-    if world.device.type in ("cuda", "cpu"):  # refuse what cannot fit before any data or checkpoint is read
+    if world.device.type in ("cuda", "cpu"):
         from prefix import memory
 
         memory.check_fits(cfg, world.world_size, *memory.available(world), device=world.device.type)
-    log = setup_logging(world.rank)  # console only: nothing is written before every check passed
-    preemption = Preemption()
-    lease = hold_lease(world, run_dir, cfg.run.lease_timeout_s, log)  # one writer: before anything is read
-    lease.renew_in_background(stopping=lambda: preemption.requested)
+    return accum
+
+
+def take_lease(world: Any, run_dir: Any, timeout_s: float, log: Any, preemption: Any) -> Any:
+    """Rank 0 takes the run's lease (waiting for another start to let go) and renews it from then on, before the
+    process group is up; a refusal is returned, for `share_lease` to raise on every rank once it is."""
+    from prefix.runs.lease import Lease
+
+    if not world.is_main:
+        return None
     try:
-        return start(args, cfg, world, run_dir, accum, lease, preemption, log)
-    finally:
-        lease.release()
+        lease = Lease.take(run_dir.path, timeout_s, log)
+    except UserError as e:
+        return e
+    lease.renew_in_background(stopping=lambda: preemption.requested)
+    return lease
 
 
-def hold_lease(world: Any, run_dir: Any, timeout_s: float, log: Any) -> Any:
-    """Rank 0 takes the run's lease (waiting for another start to let go); every rank learns its epoch."""
+def share_lease(world: Any, taken: Any, run_dir: Any, timeout_s: float, log: Any, preemption: Any) -> Any:
+    """Collective: every rank learns the epoch of the lease rank 0 took, or raises the refusal rank 0 got."""
     from prefix import distributed
     from prefix.runs.lease import Lease
 
-    held = []
+    def taken_epoch() -> int:
+        if isinstance(taken, UserError):
+            raise taken
+        return taken.epoch
 
-    def take() -> int:
-        held.append(Lease.take(run_dir.path, timeout_s, log))
-        return held[0].epoch
+    epoch = distributed.on_main(world, taken_epoch)
+    if world.is_main:
+        return taken
+    lease = Lease(run_dir.path, epoch, timeout_s, log, holder=False)
+    lease.renew_in_background(stopping=lambda: preemption.requested)
+    return lease
 
-    epoch = distributed.on_main(world, take)
-    return held[0] if held else Lease(run_dir.path, epoch, timeout_s, log, holder=False)
+
+def read_ahead(world: Any, run_dir: Any) -> Any:
+    """Rank 0, holding the lease: the checkpoint to resume from, every file verified (`Checkpointer.find`'s
+    answer, which a start with `checkpoint.remote` asks for instead)."""
+    from prefix.checkpoint import choose
+    from prefix.runs.lease import ceilings
+
+    return choose(run_dir.checkpoints, world.world_size, ceilings(run_dir.path))
 
 
 def start(args: argparse.Namespace, cfg: Any, world: Any, run_dir: Any, accum: int, lease: Any, preemption: Any,
-          log: Any) -> int:
-    """The rest of a start, once this start holds the run."""
+          log: Any, reading: Any) -> int:
+    """The rest of a start, once this start holds the run; `reading`: its checkpoint, verified ahead (or None:
+    `checkpoint.remote` finds it)."""
     import torch
 
     from prefix import distributed, drift, pretrained
     from prefix.checkpoint import Checkpointer, log_findings, set_rng_state
-    from prefix.checkpoint.remote import Remote
-    from prefix.runs.lease import ceilings
     from prefix.runs.manager import RunManager
     from prefix.runs.registry import Registry
     from prefix.state import TrainState
@@ -117,9 +165,15 @@ def start(args: argparse.Namespace, cfg: Any, world: Any, run_dir: Any, accum: i
     run.metrics.before_write = lease.check
     checkpointer = Checkpointer(run_dir.checkpoints, world, cfg.checkpoint, sharded_saves=fsdp, epoch=lease.epoch)
     checkpointer.guard = lease.check
-    # checkpoint.remote: uploads every commit; a volume with nothing usable is restored from it first
-    remote = Remote(checkpointer, cfg.checkpoint, run_dir.path.name, lease, log) if cfg.checkpoint.remote else None
-    choice, findings = (remote or checkpointer).find(ceilings(run_dir.path) if world.is_main else {})
+    remote = None
+    if cfg.checkpoint.remote:  # uploads every commit; a volume with nothing usable is restored from it first
+        from prefix.checkpoint.remote import Remote
+        from prefix.runs.lease import ceilings
+
+        remote = Remote(checkpointer, cfg.checkpoint, run_dir.path.name, lease, log)
+        choice, findings = remote.find(ceilings(run_dir.path) if world.is_main else {})
+    else:
+        choice, findings = reading.result()
     saved, rank_state = checkpointer.load(choice) if choice else (None, None)
     state = TrainState.from_dict(saved) if saved is not None else None
     start_step = state.step if state else 0
@@ -159,6 +213,9 @@ def start(args: argparse.Namespace, cfg: Any, world: Any, run_dir: Any, accum: i
     trainer = sampler = None
     exit_code = 1  # what the registry records if this start dies of an unexpected error
     try:
+        if state is not None and state.dataloader:
+            train.load_state_dict(state.dataloader)  # here, not in the trainer: its workers start fetching at once
+        train.start()  # the first batch arrives while the trainer is built
         val = ValStream(cfg, sources) if cfg.trainer.eval_every else None
 
         distributed.on_main(world, run.create)  # from here on the run directory is written
@@ -177,7 +234,7 @@ def start(args: argparse.Namespace, cfg: Any, world: Any, run_dir: Any, accum: i
             pretrained.log_init(log, init, cfg.model, start_step)
         trainer = Trainer(cfg, world, model, train, val, tokenizer, checkpointer, preemption, run, log)
         if state is not None:
-            trainer.load_state_dict(state)
+            trainer.load_state_dict(dataclasses.replace(state, dataloader=None))  # the stream stands there already
             if rank_state is not None:
                 set_rng_state(rank_state["rng"])
             else:

@@ -6,6 +6,8 @@ Streaming facts this module is built around:
 - the sample order depends on `num_canonical_nodes`, the shuffle seed and algorithm, and the
   per-rank batch size; all are set explicitly, and the first three travel in the state;
 - the loader counts only batches handed to the caller, so nothing here fetches ahead;
+- its workers start at the first batch asked for (its `__iter__` is a generator); `EagerLoader` starts them
+  at `iter()`, so that a start's first batches are fetched while it builds its trainer;
 - every `iter()` starts a new epoch, and a state saved exactly at an epoch's end would make the
   resumed epoch yield nothing or a ragged tail; an epoch here is a whole number of global batches
   (the tail is dropped, as `drop_last` would), and a finished epoch is saved as "next epoch, 0";
@@ -20,12 +22,14 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from prefix.config import Config, parse_size
 from prefix.data.compat import StreamingDataLoader, StreamingDataset
@@ -56,6 +60,22 @@ class IndexedDataset(StreamingDataset):
             self._event.set()
             print(f"streaming: a download thread failed: {type(exception).__name__}: {exception}",
                   file=sys.stderr, flush=True)
+
+
+class EagerLoader(StreamingDataLoader):
+    """streaming's loader, with its workers started by `iter()` instead of by the first batch asked for
+    (streaming's `__iter__` is a generator, so none of it runs until then): `TrainStream.start`. The count of
+    samples handed out, which its `state_dict` reads, is kept as streaming keeps it."""
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = DataLoader.__iter__(self)  # the workers start here
+        self.num_samples_yielded = 0
+        return self._counted(batches)
+
+    def _counted(self, batches: Iterator[Any]) -> Iterator[Any]:
+        for batch in batches:
+            self.num_samples_yielded += self._get_batch_size(batch)
+            yield batch
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -195,7 +215,7 @@ class TrainStream:
         self.dataset, widths = _dataset(cfg, sources, cfg.data.train_split, cfg.data.shuffle,
                                         cfg.data.num_workers)
         self.cropped = cropped(widths, self.seq_len)
-        self.loader = StreamingDataLoader(
+        self.loader = EagerLoader(
             self.dataset, batch_size=cfg.trainer.micro_batch_size, num_workers=cfg.data.num_workers,
             worker_init_fn=_ignore_stop_signals if cfg.data.num_workers else None,
             persistent_workers=False, drop_last=False, collate_fn=collate,
@@ -230,6 +250,12 @@ class TrainStream:
         if self.consumed == self.micro_per_epoch:  # the epoch is done: resume at the next one
             state.update(epoch=self.epoch + 1, sample_in_epoch=0)
         return {**state, "versions": self.versions}
+
+    def start(self) -> None:
+        """Begin the epoch's iteration now, not at the first `next`: the loader's workers start and fetch the
+        first batches while the caller does other work (a start builds its trainer meanwhile)."""
+        if self._it is None and self.consumed < self.micro_per_epoch:
+            self._it = iter(self.loader)
 
     def next(self) -> Batch:
         if self.consumed == self.micro_per_epoch:
