@@ -85,7 +85,7 @@ def read_verified(folder: Path, which: str = "latest") -> tuple[TrainState, str]
     the file's name.
     """
     from prefix.checkpoint import choose, global_name
-    from prefix.checkpoint.files import FORMAT_VERSION, file_sum, read_manifests
+    from prefix.checkpoint.files import FORMAT_VERSION, read_manifests
 
     run = folder.parent
     if which == "latest":
@@ -99,7 +99,7 @@ def read_verified(folder: Path, which: str = "latest") -> tuple[TrainState, str]
         path = folder / global_name("prev")
         if not path.is_file():
             raise UserError(f"{path}: no previous checkpoint; read latest, or pass --checkpoint PATH")
-        if not any(m.lists("global", file_sum(path)) for m in read_manifests(folder)[0]):
+        if not any(m.verifies("global", path) for m in read_manifests(folder)[0]):
             raise UserError(f"{path}: no manifest lists its checksum (damaged or unverifiable); "
                             "read latest, or pass its path to --checkpoint to read it unverified")
     else:

@@ -30,7 +30,7 @@ from prefix.model import GPT, complete, peak_flops
 from prefix.optim import build_optimizer, lr_factor
 from prefix.preemption import EXIT_PREEMPTED, Preemption
 from prefix.runs import read_jsonl
-from prefix.runs.goodput import Ledger
+from prefix.runs.goodput import Ledger, working_seconds
 from prefix.runs.manager import RunManager
 from prefix.state import TrainState
 from prefix.telemetry import Progress
@@ -148,13 +148,6 @@ class Trainer:
     def save(self, plan: Save) -> None:
         """Carry out the policy's save: a periodic one in the background, the final one synchronously."""
         ck = self.checkpointer
-        if plan.wait_first:  # at most one write in flight
-            step, began = ck.in_flight, time.monotonic()
-            self.conclude()
-            self.log.info("checkpoint: waited for the previous write", step=step,
-                          seconds=round(time.monotonic() - began, 3))
-            if ck.committed_step == self.step:
-                return
         shards = self.shards if self.sharded else None
         if plan.background:
             ck.start(self.step, self.state_dict, {"rng": rng_state()}, shards)
@@ -170,10 +163,10 @@ class Trainer:
         """A failed periodic save is retried at the next interval; a failed final save ends the run."""
         self.run.log_metrics("checkpoint", result.step, {
             "stall_s": result.stall_s, "write_s": result.write_s, "bytes": result.bytes,
-            "async": result.background, "ok": result.error is None})
+            "async": result.background, "ok": result.error is None, "skipped": result.skipped})
         if result.error is None:
             self.log.info("checkpoint saved", step=result.step, stall_s=round(result.stall_s, 3),
-                          write_s=round(result.write_s, 3), background=result.background)
+                          write_s=round(result.write_s, 3), background=result.background, skipped=result.skipped)
             if self.interval is not None:
                 self.interval.observe(result.stall_s)
                 self.checkpointer.every_seconds = self.interval.seconds()
@@ -191,8 +184,10 @@ class Trainer:
         c = self.cfg.checkpoint
         if c.every_seconds != "auto":
             return
+        metrics = self.run.dir.metrics
         self.interval = distributed.on_main(self.world, lambda: AutoInterval.of(
-            c.min_seconds, c.max_seconds, self.run.dir.starts(), read_jsonl(self.run.dir.metrics / "checkpoint.jsonl")))
+            c.min_seconds, c.max_seconds, self.run.dir.starts(), read_jsonl(metrics / "checkpoint.jsonl"),
+            working_seconds(metrics)))
         self.checkpointer.every_seconds = self.interval.seconds()
         self.log.info("checkpoint interval (auto, Young-Daly)", **self.interval.inputs())
 
@@ -218,12 +213,16 @@ class Trainer:
                 stop, time_due, writing = distributed.any_true(self.world, self.preemption.requested,
                                                                ck.seconds_due(), ck.busy)
                 at = partial(Boundary, step=self.step, max_steps=t.max_steps, stop=stop, time_due=time_due,
-                             writing=writing, steps_due=ck.steps_due(self.step),
+                             writing=writing, steps_due=ck.steps_due(self.step), kept=ck.keeps(self.step),
                              asynchronous=self.cfg.checkpoint.asynchronous)
                 if at(in_flight=ck.in_flight, committed=ck.committed_step).commit():
                     with self.ledger.spend("checkpoint"):
                         self.conclude()  # written everywhere, or the final flush must wait for it
-                boundary = at(in_flight=ck.in_flight, committed=ck.committed_step)
+                boundary = at(in_flight=ck.in_flight, committed=ck.committed_step, owed=ck.owed)
+                if boundary.skip():  # the loop never waits for a periodic write: the save is owed instead
+                    ck.skip()
+                    self.log.debug("checkpoint save skipped: the previous write is in flight", step=self.step,
+                                   writing=ck.in_flight)
                 if (plan := boundary.save()) is not None:
                     with self.ledger.spend("checkpoint"):
                         self.save(plan)

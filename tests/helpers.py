@@ -169,6 +169,12 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert not different, f"weights differ in {different[:5]}"
 
 
+def assert_same_run(run_dir: Path, baseline: Path) -> None:
+    """The run's loss at every step and its final weights are bitwise the uninterrupted baseline's."""
+    assert losses(run_dir) == losses(baseline)
+    assert_same_weights(checkpoint(run_dir).model, checkpoint(baseline).model)
+
+
 def isolation_prefix() -> list[str] | None:
     """`unshare` arguments giving a command a private mount namespace (for its own /dev/shm), or None."""
     candidates = [["unshare", "--mount", "--propagation", "private"]]

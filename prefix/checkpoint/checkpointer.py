@@ -9,13 +9,14 @@ A save has three phases:
 A failed save removes its temporary files and changes nothing else: the last committed step stays
 where it was, and the trainer decides whether to go on (periodic save) or give up (final save).
 
-Asynchronous saves (`start`, then `finish`) run phase 1 in a background thread on a snapshot of
-the state (see `snapshot`: the thread makes the copy too, while the next forward and backward run;
-the loop calls `before_update` before its optimizer step), while training goes on; phases 2 and 3
-are collectives, so they stay on the step loop's thread, which calls `finish` once no rank is
-still `busy` writing.
-At most one write is in flight: a save due before the last one finished waits for it. A crash
-while a write is in flight leaves only temporary files: the previous step stays the resume point.
+Asynchronous saves (`start`, then `finish`) run phases 1 and 2 in the writer thread (`background`) on a
+snapshot of the state (see `snapshot`: the thread makes the copy too, while the next forward and
+backward run; the loop calls `before_update` before its optimizer step), while training goes on.
+Phase 2's collectives run on a gloo group of the writer's own, so they never interleave with the
+loop's. Phase 3 renames what every rank's loop must agree on, so it stays on the step loop's thread,
+which calls `finish` once no rank is still `busy`. At most one write is in flight (the policy skips
+the saves due meanwhile). A crash while a write is in flight leaves only temporary files and perhaps
+its manifest: the previous step stays the resume point.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ import torch
 
 from prefix import distributed
 from prefix.checkpoint import files, history
+from prefix.checkpoint.background import Flight, Outcome, Writer
 from prefix.checkpoint.files import FORMAT_VERSION, FileSum, global_name, rank_name, tmp
 from prefix.checkpoint.resume import Finding, Resume, choose
 from prefix.checkpoint.snapshot import Snapshot
@@ -52,33 +55,12 @@ class SaveResult:
     background: bool
     error: str | None = None
     """Why the save failed on some rank ("rank 1: No space left on device"); None if committed."""
+    skipped: int = 0
+    """Saves that came due while this one was being written, and were skipped."""
 
 
 def _size(sums: dict[str, FileSum] | None) -> int:
     return sum(s.bytes for s in (sums or {}).values())
-
-
-class _Write:
-    """Phase 1 of one save, in a thread: the files of `step`, their sums or the OSError's text."""
-
-    def __init__(self, step: int, work: Callable[[], dict[str, FileSum]]):
-        self.step, self.stall_s = step, 0.0
-        self.sums: dict[str, FileSum] | None = None
-        self.error: str | None = None
-        self.crash: BaseException | None = None
-        self.write_s = 0.0
-        self.thread = threading.Thread(target=self._run, args=(work,), name=f"checkpoint-write-{step}", daemon=True)
-        self.thread.start()
-
-    def _run(self, work: Callable[[], dict[str, FileSum]]) -> None:
-        start = time.monotonic()
-        try:
-            self.sums = work()
-        except OSError as e:
-            self.error = _describe(e)
-        except BaseException as e:  # a bug, not the disk: raised again on the step loop's thread
-            self.crash = e
-        self.write_s = time.monotonic() - start
 
 
 def _describe(error: OSError) -> str:
@@ -109,17 +91,18 @@ class Checkpointer:
         self.every_seconds = float(cfg.every_seconds) if cfg.every_seconds != "auto" else 0.0
         """The time-based interval in force (`checkpoint.every_seconds`, or the automatic choice)."""
         self._snapshot = Snapshot()
-        self._write: _Write | None = None  # the asynchronous write in flight
+        self._flight: Flight | None = None  # the asynchronous save in flight
+        self._writer = Writer()
+        self.owed = False
+        """A save was skipped since the last one started: the policy saves at the next boundary it can."""
         self._retired: list[Path] = []  # second names of the files the save in progress replaces
         self._shards: str | None = None  # the sharded folder the save in progress writes
-        # A sharded save in the writer thread runs DCP's collectives while the step loop runs its own:
-        # on a gloo group of their own, or the two would interleave on one group (a collective mismatch).
+        # The writer thread's collectives (phase 2; DCP's in a sharded save) run while the step loop runs its
+        # own: on a gloo group of their own, or the two would interleave on one group (a collective mismatch).
+        # Made at the first asynchronous save (every rank starts it at the same boundary), or here for DCP.
         self._group = None
         if sharded_saves:
-            import torch.distributed as dist
-
-            self._group = dist.new_group(backend="gloo", timeout=distributed.timeout()) \
-                if dist.is_initialized() else None
+            self._writer_group()
 
     # -- resume -------------------------------------------------------------------------
     def find(self, ceilings: dict[int, int] | None = None) -> tuple[Resume | None, list[Finding]]:
@@ -169,7 +152,11 @@ class Checkpointer:
 
     def steps_due(self, step: int) -> bool:
         every = self.cfg.every_steps
-        return (bool(every) and step % every == 0) or history.due(self.cfg.keep_every_steps, step)
+        return (bool(every) and step % every == 0) or self.keeps(step)
+
+    def keeps(self, step: int) -> bool:
+        """The history keeps this step (`checkpoint.keep_every_steps`): its save is never skipped."""
+        return history.due(self.cfg.keep_every_steps, step)
 
     def save(self, step: int, global_state: Callable[[], dict[str, Any]], rank_state: dict[str, Any],
              final: bool = False, shards: Callable[[], dict[str, Any]] | None = None) -> SaveResult:
@@ -185,66 +172,94 @@ class Checkpointer:
         except OSError as e:
             error = _describe(e)
         written = time.monotonic()
-        self._last_save_time = start
-        verdict = self._conclude(step, sums, error, free_replaced=not final)
+        self._last_save_time, self.owed = start, False
+        verdict = self._agree(step, sums, error)
+        self._settle(step, sums, verdict, final)
         return SaveResult(step, time.monotonic() - start, written - start, _size(sums), False, verdict)
 
     def start(self, step: int, global_state: Callable[[], dict[str, Any]], rank_state: dict[str, Any],
               shards: Callable[[], dict[str, Any]] | None = None) -> None:
-        """Snapshot the state and write it in the background; `finish` must follow before another save."""
-        assert self._write is None, "finish() the write in flight first"
+        """Snapshot the state, then write and record it in the writer thread; `finish` commits it."""
+        assert self._flight is None, "finish() the write in flight first"
         begin = time.monotonic()
-        snapshot = self._snapshot
+        snapshot, group = self._snapshot, self._writer_group()
         self._name_shards(step, shards)
         copy = snapshot.take({"rank": rank_state, "global": global_state() if self.world.is_main else None,
                               "shards": shards() if shards else None})
+        written = threading.Event()
 
-        def work() -> dict[str, FileSum]:
-            snapshot.fill()
-            return self.write(step, lambda: copy["global"], copy["rank"], copy["shards"])
+        def phases() -> Outcome:
+            """Phases 1 and 2 (in the writer thread)."""
+            sums, error, crash, began = None, None, None, time.monotonic()
+            try:
+                snapshot.fill()
+                sums = self.write(step, lambda: copy["global"], copy["rank"], copy["shards"])
+            except OSError as e:
+                error = _describe(e)
+            except BaseException as e:  # a bug, not the disk: the others drop the save, this rank raises it
+                crash, error = e, f"{type(e).__name__}: {e}"
+            finally:
+                written.set()
+            return Outcome(sums, self._agree(step, sums, error, group), time.monotonic() - began, crash)
 
-        self._last_save_time = begin
-        self._write = _Write(step, work)
-        self._write.stall_s = time.monotonic() - begin
+        self._last_save_time, self.owed = begin, False
+        self._flight = Flight(step, self._writer.submit(phases), written)
+        self._flight.stall_s = time.monotonic() - begin
+
+    def skip(self) -> None:
+        """A save came due while the write in flight is still running (the policy's choice): counted, and owed."""
+        assert self._flight is not None, "a save is skipped only while a write is in flight"
+        self._flight.skipped += 1
+        self.owed = True
 
     def before_update(self) -> None:
         """The loop is about to update the state in place: the save in flight must have copied it first."""
-        if self._write is not None:
-            self._write.stall_s += self._snapshot.fence()
+        if self._flight is not None:
+            self._flight.stall_s += self._snapshot.fence()
 
     @property
     def in_flight(self) -> int | None:
         """The step of the asynchronous save not yet finished, if any."""
-        return None if self._write is None else self._write.step
+        return None if self._flight is None else self._flight.step
 
     @property
     def busy(self) -> bool:
-        """This rank is still writing the save in flight (the trainer all-reduces it with its flags)."""
-        return self._write is not None and self._write.thread.is_alive()
+        """This rank's writer is still writing or recording the save in flight (the trainer all-reduces it)."""
+        return self._flight is not None and not self._flight.outcome.done()
 
     def finish(self) -> SaveResult:
-        """Collective: wait for this rank's write in flight, then record and commit it on every rank."""
-        write, begin = self._write, time.monotonic()
-        assert write is not None, "no save in flight"
-        write.thread.join()
-        self._write = None
-        if write.crash is not None:
-            raise write.crash
-        verdict = self._conclude(write.step, write.sums, write.error)
-        return SaveResult(write.step, write.stall_s + time.monotonic() - begin, write.write_s, _size(write.sums),
-                          True, verdict)
+        """Collective: wait for this rank's writer to end phases 1 and 2, then commit on every rank."""
+        flight, begin = self._flight, time.monotonic()
+        assert flight is not None, "no save in flight"
+        self._flight = None
+        outcome: Outcome = flight.outcome.result()  # raises what failed phase 2 (a lost peer)
+        self._settle(flight.step, outcome.sums, outcome.verdict)
+        if outcome.crash is not None:
+            raise outcome.crash
+        return SaveResult(flight.step, flight.stall_s + time.monotonic() - begin, outcome.write_s,
+                          _size(outcome.sums), True, outcome.verdict, flight.skipped)
 
     def close(self) -> None:
-        """Leaving without finishing (an error): let the write end, and remove what it wrote."""
-        if self._write is not None:
-            self._write.thread.join()
-            self._write = None
+        """Leaving without finishing (an error): let this rank's write end, and remove what it wrote. Phase 2
+        may still wait for a peer that is gone: the writer is a daemon thread, and nothing it records is
+        committed."""
+        if self._flight is not None:
+            self._flight.written.wait()
+            self._flight = None
             self.discard()
 
-    def _conclude(self, step: int, sums: dict[str, FileSum] | None, error: str | None,
-                  free_replaced: bool = True) -> str | None:
-        """Phases 2 and 3: rank 0 gathers the outcomes and records the manifest; every rank commits."""
-        outcomes = distributed.gather(self.world, (sums, error))
+    def _writer_group(self) -> Any:
+        """The gloo group of the writer thread's collectives (None with one process)."""
+        import torch.distributed as dist
+
+        if self._group is None and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo", timeout=distributed.timeout())
+        return self._group
+
+    def _agree(self, step: int, sums: dict[str, FileSum] | None, error: str | None, group: Any = None) -> str | None:
+        """Phase 2 (collective on `group`): rank 0 gathers the outcomes and records the manifest; every rank
+        gets the verdict (None: every file is written and listed in a durable manifest)."""
+        outcomes = distributed.gather(self.world, (sums, error), group)
         verdict = None
         if self.world.is_main:
             errors = [f"rank {r}: {err}" for r, (_, err) in enumerate(outcomes) if err]
@@ -254,21 +269,29 @@ class Checkpointer:
                 except OSError as e:
                     errors.append(f"rank 0: {_describe(e)}")
             verdict = "; ".join(errors) or None
-        verdict = distributed.broadcast(self.world, verdict)
+        return distributed.broadcast(self.world, verdict, group)
+
+    def _settle(self, step: int, sums: dict[str, FileSum] | None, verdict: str | None, final: bool = False) -> None:
+        """Phase 3 (collective): every rank commits the save, or drops it if it failed anywhere.
+
+        A periodic commit leaves the folder's fsync and the removal of old manifests to a background thread
+        (the next manifest's fsync makes the commit durable at the latest: docs/checkpoints.md); a final save
+        does both before it returns, and leaves the files it replaced to the next start."""
+        tidy = None
         if verdict is None:
-            self.commit(step)
+            self.commit(step, durable=final)
             distributed.barrier(self.world)  # the step is committed on every rank
             if history.due(self.cfg.keep_every_steps, step):  # collective: every rank decides alike
                 history.keep(self.folder, self.world, self.epoch, step, sums or {}, self._manifest, self.guard)
             if self.uploads is not None:  # stages the step's files (hard links) for its background upload
                 self.uploads.committed(step, sums or {}, self._manifest)
-            self.prune(step)
+            stale = self.prune(step, now=final)
+            tidy = None if final else partial(files.fsync_dir, self.folder)  # durable: see the docstring
         else:
             self.discard()
-        if free_replaced:
-            files.remove_in_background(self._retired)
+            stale = []
+        files.remove_in_background([] if final else stale + self._retired, first=tidy)
         self._retired = []
-        return verdict
 
     def _name_shards(self, step: int, shards: Callable[[], dict[str, Any]] | None) -> None:
         """Every rank's name for this save's fresh sharded folder (rank 0 draws the token)."""
@@ -288,15 +311,15 @@ class Checkpointer:
             from prefix.checkpoint import sharded
 
             folder = {"sharded": self._shards}  # named in the global file only
-            sums = sharded.write(self.folder / self._shards, shards, r, self._group)
+            sums = sharded.write(self.folder / self._shards, shards, r, self._group, self.cfg.checksum)
         published = [rank_name(slot, r) for slot in files.SLOTS] + (
             [global_name(slot) for slot in files.SLOTS] if self.world.is_main else [])
         self._retired = files.second_names(self.folder / name for name in published)
         mine = {**rank_state, **stamp, "rank": r}
-        sums[f"rank{r}"] = files.write_durably(mine, self._tmp(rank_name("latest", r)))
+        sums[f"rank{r}"] = files.write_durably(mine, self._tmp(rank_name("latest", r)), self.cfg.checksum)
         if self.world.is_main:
             shared = {**global_state(), **stamp, **folder, "world_size": self.world.world_size}
-            sums["global"] = files.write_durably(shared, self._tmp(global_name("latest")))
+            sums["global"] = files.write_durably(shared, self._tmp(global_name("latest")), self.cfg.checksum)
         return sums
 
     def record(self, step: int, sums_by_rank: list[dict[str, FileSum]]) -> None:
@@ -305,34 +328,42 @@ class Checkpointer:
         self.guard()
         self._manifest = files.write_manifest(self.folder, step, len(sums_by_rank), listed, self.epoch)
 
-    def commit(self, step: int) -> None:
-        """Phase 3, once the manifest is durable: publish this rank's files."""
+    def commit(self, step: int, durable: bool = True) -> None:
+        """Phase 3, once the manifest is durable: publish this rank's files (`durable`: and fsync the folder)."""
         r = self.world.rank
         self.guard()
         self._slot_rank = self._publish(rank_name("latest", r), rank_name("prev", r), self._slot_rank)
         if self.world.is_main:
             self._slot_global = self._publish(global_name("latest"), global_name("prev"), self._slot_global)
-        files.fsync_dir(self.folder)
+        if durable:
+            files.fsync_dir(self.folder)
         self._previous_step, self.committed_step = self.committed_step, step
 
-    def prune(self, step: int) -> None:
-        """After every rank committed `step` (rank 0): forget manifests no file can need."""
+    def prune(self, step: int, now: bool = True) -> list[Path]:
+        """After every rank committed `step` (rank 0): forget manifests no file can need, and the sharded folders
+        only they listed. Returns those manifests unless `now` (then removed here): the caller removes them."""
         keep = {step} | ({self._previous_step} if self.cfg.keep_previous else set())
+        keep.discard(None)
+        stale = []
         if self.world.is_main:
             self.guard()
-            files.prune_manifests(self.folder, {s for s in keep if s is not None})
-            self._remove_unlisted()
+            stale = files.stale_manifests(self.folder, keep)
+            self._remove_unlisted(keep)
+            if now:
+                for path in stale:
+                    path.unlink(missing_ok=True)
         self._manifest = None
         self._shards = None
+        return [] if now else stale
 
-    def _remove_unlisted(self) -> None:
-        """Rank 0: sharded folders that no manifest lists any more, removed off the step loop."""
+    def _remove_unlisted(self, keep: set[int] | None = None) -> None:
+        """Rank 0: sharded folders that no manifest (of the steps in `keep`) lists, removed off the step loop."""
         if not any(self.folder.glob(files.SHARD_FOLDERS)):
             return
         from prefix.checkpoint import sharded
 
         manifests, _ = files.read_manifests(self.folder)
-        gone = sharded.unlisted(self.folder, [m.files for m in manifests])
+        gone = sharded.unlisted(self.folder, [m.files for m in manifests if keep is None or m.step in keep])
         if gone:
             threading.Thread(target=sharded.remove, args=(gone,), name="checkpoint-cleanup", daemon=True).start()
 

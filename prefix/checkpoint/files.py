@@ -1,28 +1,30 @@
 """Checkpoint files on disk: their names, durable checksummed writes, and the manifests.
 
-A file is written under `<name>.tmp`, hashed (SHA-256) as its bytes go out, fsynced, and only
-then renamed into place by the commit. The checksums of one save are recorded in a manifest,
-`manifest-<step>-<token>.json`, written by rank 0 once every rank has written its files and
-before any of them is published; so every published file has its checksum on disk already. The
-token keeps a redone save of the same step (after a crash) from overwriting the manifest that an
-older file of that step is still checked against.
+A file is written under `<name>.tmp`, hashed (`checkpoint.checksum`, see `checksums`) as its bytes
+go out, fsynced, and only then renamed into place by the commit. The checksums of one save are
+recorded in a manifest, `manifest-<step>-<token>.json`, written by rank 0 once every rank has
+written its files and before any of them is published; so every published file has its checksum
+on disk already. The token keeps a redone save of the same step (after a crash) from overwriting
+the manifest that an older file of that step is still checked against.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import secrets
 import threading
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.serialization import config as serialization
+
+from prefix.checkpoint.checksums import DEFAULT, FileSum, HashingWriter, matches, second_thread
+from prefix.checkpoint.checksums import file_sum as file_sum  # noqa: F401  (re-exported: files.file_sum)
 
 FORMAT_VERSION = 2
 """2: checksummed files with manifests. Files of format 1 are refused at resume."""
@@ -59,50 +61,15 @@ def tmp(path: Path, epoch: int | None = None) -> Path:
     return path.with_name(path.name + ("" if epoch is None else f".e{epoch}") + ".tmp")
 
 
-@dataclass(frozen=True)
-class FileSum:
-    sha256: str
-    bytes: int
-
-
-class _HashingWriter:
-    """A write-only file object that hashes what passes through (torch.save only writes).
-
-    A large chunk (a tensor's bytes) is hashed in a second thread while this one writes it: both
-    release the GIL, so the checksum costs no time where the disk is the bottleneck.
-    """
-
-    PARALLEL = 1 << 20
-
-    def __init__(self, f, hasher: ThreadPoolExecutor):
-        self.f, self.hash, self.size, self._hasher = f, hashlib.sha256(), 0, hasher
-        self.error: OSError | None = None
-
-    def write(self, data) -> int:
-        self.size += len(data)
-        hashed = self._hasher.submit(self.hash.update, data) if len(data) >= self.PARALLEL else None
-        if hashed is None:
-            self.hash.update(data)
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-        finally:
-            if hashed is not None:
-                hashed.result()  # torch may reuse `data` once this returns
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def write_durably(obj: Any, path: Path) -> FileSum:
+def write_durably(obj: Any, path: Path, algorithm: str = DEFAULT) -> FileSum:
     """torch.save to `path`, fsynced; returns the checksum of the bytes written.
 
-    A full disk or an I/O error raises OSError (torch's zip writer would mask it as RuntimeError).
+    Without the zip's CRC-32 of each record (~1 GB/s of CPU): torch.load does not check it, and the
+    checksum covers every byte of the file. A full disk or an I/O error raises OSError (torch's zip
+    writer would mask it as RuntimeError).
     """
-    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash") as hasher:
-        out = _HashingWriter(f, hasher)
+    with open(path, "wb") as f, serialization.patch({"save.compute_crc32": False}), second_thread(algorithm) as hasher:
+        out = HashingWriter(f, algorithm, hasher)
         try:
             torch.save(obj, out)
         except RuntimeError:
@@ -111,13 +78,7 @@ def write_durably(obj: Any, path: Path) -> FileSum:
             raise
         f.flush()
         os.fsync(f.fileno())
-    return FileSum(out.hash.hexdigest(), out.size)
-
-
-def file_sum(path: Path) -> FileSum:
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-        return FileSum(digest, os.fstat(f.fileno()).st_size)
+    return out.sum()
 
 
 RETIRED = "retired-"
@@ -143,11 +104,17 @@ def second_names(paths: Iterable[Path]) -> list[Path]:
     return named
 
 
-def remove_in_background(paths: list[Path]) -> None:
-    """Unlink `paths` in a daemon thread; what a killed process leaves, the next start removes."""
-    if paths:
-        threading.Thread(target=lambda: [p.unlink(missing_ok=True) for p in paths], name="checkpoint-cleanup",
-                         daemon=True).start()
+def remove_in_background(paths: list[Path], first: Callable[[], None] | None = None) -> None:
+    """Unlink `paths` in a daemon thread (after `first`, when given); what a killed process leaves, the next
+    start removes."""
+    def work() -> None:
+        if first is not None:
+            first()
+        for p in paths:
+            p.unlink(missing_ok=True)
+
+    if paths or first is not None:
+        threading.Thread(target=work, name="checkpoint-cleanup", daemon=True).start()
 
 
 def fsync_dir(path: Path) -> None:
@@ -172,12 +139,17 @@ class Manifest:
     def lists(self, role: str, checksum: FileSum) -> bool:
         return self.files.get(role) == checksum
 
+    def verifies(self, role: str, path: Path) -> bool:
+        """Whether the file at `path` is the one this manifest lists as `role` (hashed as it was recorded)."""
+        expected = self.files.get(role)
+        return expected is not None and matches(path, expected)
+
 
 def write_manifest(folder: Path, step: int, world_size: int, files: dict[str, FileSum], epoch: int = 0) -> Path:
     """Durably write a new manifest; returns its path."""
     path = folder / f"manifest-{step}-{secrets.token_hex(4)}.json"
     body = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size, "epoch": epoch,
-            "files": {role: asdict(s) for role, s in files.items()}}
+            "files": {role: s.to_json() for role, s in files.items()}}
     with open(tmp(path), "w") as f:
         json.dump(body, f, indent=1)
         f.flush()
@@ -195,7 +167,7 @@ def read_manifests(folder: Path) -> tuple[list[Manifest], list[str]]:
             continue
         try:
             body = json.loads(path.read_text())
-            files = {role: FileSum(s["sha256"], int(s["bytes"])) for role, s in body["files"].items()}
+            files = {role: FileSum.from_json(s) for role, s in body["files"].items()}
             manifests.append(Manifest(int(body["step"]), int(body["world_size"]), files, path.name,
                                       int(body.get("epoch", 0))))
         except (OSError, ValueError, KeyError, TypeError):
@@ -203,9 +175,8 @@ def read_manifests(folder: Path) -> tuple[list[Manifest], list[str]]:
     return manifests, unreadable
 
 
-def prune_manifests(folder: Path, keep_steps: set[int]) -> None:
-    """Remove manifests of steps no checkpoint file on disk can belong to any more."""
-    for path in folder.glob("manifest-*.json"):
-        m = MANIFEST.match(path.name)
-        if m and int(m.group(1)) not in keep_steps:
-            path.unlink(missing_ok=True)
+def stale_manifests(folder: Path, keep_steps: set[int]) -> list[Path]:
+    """Manifests of steps no checkpoint file on disk can belong to any more (listed now: a save recording its
+    manifest later, in the writer thread, must not be among them)."""
+    return [path for path in folder.glob("manifest-*.json")
+            if (m := MANIFEST.match(path.name)) and int(m.group(1)) not in keep_steps]

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from prefix import distributed
 from prefix.checkpoint import files
-from prefix.checkpoint.files import file_sum, latest_file
+from prefix.checkpoint.checksums import NAMES, matches
+from prefix.checkpoint.files import latest_file
 from prefix.checkpoint.remote_store import MANIFEST, Copy, Missing, Store, catalog, missing, usable
 from prefix.checkpoint.remote_upload import Uploads
 from prefix.checkpoint.resume import Finding, NoUsableCheckpoint, Resume, choose
@@ -73,8 +74,8 @@ def fetch(store: Store, copy: Copy, into: Path, timeout_s: float) -> str | None:
                       timeout_s, store.reset)
         except Missing:
             return f"{name} is missing"
-        if file_sum(into / name) != expected:
-            return f"{name} is damaged: its SHA-256 does not match the manifest"
+        if not matches(into / name, expected):
+            return f"{name} is damaged: its {NAMES[expected.algorithm]} does not match the manifest"
     return None
 
 

@@ -15,7 +15,7 @@ Every call can raise whatever the object store raises; `Missing` means the objec
 Layout, under `<checkpoint.remote>/<run name>/`: one folder per uploaded step, `step-<step:08d>-e<epoch>/`,
 holding each file under its name in a checkpoints folder (`latest.pt`, `latest_rank<r>.pt`,
 `sharded-<step>-<token>/…`), a `done-rank<r>.json` from every other rank once its files are up, and
-`manifest.json` (`Copy`: every file's SHA-256, the world size, the epoch, the step that epoch resumed
+`manifest.json` (`Copy`: every file's checksum, the world size, the epoch, the step that epoch resumed
 from), uploaded last by rank 0: a folder is complete when it has a manifest.
 """
 
@@ -27,7 +27,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -199,7 +199,7 @@ class Copy:
     def dumps(self) -> str:
         return json.dumps({"format_version": FORMAT_VERSION, "step": self.step, "epoch": self.epoch,
                            "world_size": self.world_size, "resumed_step": self.resumed_step,
-                           "files": {role: asdict(s) for role, s in self.files.items()}}, indent=1)
+                           "files": {role: s.to_json() for role, s in self.files.items()}}, indent=1)
 
     @classmethod
     def loads(cls, text: str, where: Step) -> Copy:
@@ -207,7 +207,7 @@ class Copy:
         try:
             body = json.loads(text)
             copy = cls(int(body["step"]), int(body["epoch"]), int(body["world_size"]), int(body["resumed_step"]),
-                       {role: FileSum(str(s["sha256"]), int(s["bytes"])) for role, s in body["files"].items()})
+                       {role: FileSum.from_json(s) for role, s in body["files"].items()})
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not a manifest ({type(e).__name__}: {e})") from None
         if copy.where != where or "global" not in copy.files or not all(map(ROLE.match, copy.files)):

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefix.checkpoint.files import FileSum, file_sum, latest_file
+from prefix.checkpoint.checksums import FileSum, matches
+from prefix.checkpoint.files import latest_file
 from prefix.checkpoint.remote_store import (
     MANIFEST,
     Copy,
@@ -130,7 +131,7 @@ class Uploads:
         if manifest is not None:
             body = json.loads(manifest.read_text())
             job.manifest = Copy(where.step, where.epoch, int(body["world_size"]), self.resumed_step,
-                                {role: FileSum(**s) for role, s in body["files"].items()})
+                                {role: FileSum.from_json(s) for role, s in body["files"].items()})
         return job
 
     def close(self, exit_code: int) -> None:
@@ -231,7 +232,7 @@ class Uploads:
 
     def _copy(self, name: str, source: Path, checksum: FileSum) -> None:
         shutil.copyfile(source, self.store.staging / name)
-        if file_sum(self.store.staging / name) != checksum:
+        if not matches(self.store.staging / name, checksum):
             raise Superseded(f"{source.name} was replaced before it could be copied (no hard links here)")
 
     def _await_ranks(self, job: Job) -> None:

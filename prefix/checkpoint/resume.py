@@ -1,7 +1,8 @@
 """Which checkpoint a start resumes from, and why the others were passed over.
 
 A file is usable when it loads with `weights_only=True` (a pickle that would run code is refused),
-was written in this format version, and its SHA-256 is the one a manifest of its step recorded.
+was written in this format version, and its checksum is the one a manifest of its step recorded
+(in the algorithm the manifest names: `checksums`).
 A sharded checkpoint's global file is usable only with its whole folder: every file the manifest
 lists for it present with that checksum, and its `.metadata` readable without running code
 (`sharded.problem`). The choice is the newest step whose global file and every needed rank file are usable.
@@ -16,7 +17,8 @@ from typing import Any
 
 import torch
 
-from prefix.checkpoint.files import FORMAT_VERSION, SLOTS, file_sum, global_name, rank_name, read_manifests
+from prefix.checkpoint.checksums import NAMES, file_sum
+from prefix.checkpoint.files import FORMAT_VERSION, SLOTS, global_name, rank_name, read_manifests
 from prefix.errors import UserError
 
 
@@ -68,10 +70,14 @@ class _Inspector:
         path = self.folder / name
         if not path.exists():
             return None
-        reason = None
+        reason, sums = None, {}
         try:
-            checksum = file_sum(path)
             state: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            version = state.get("format_version") if isinstance(state, dict) else None
+            step = int(state["step"]) if version == FORMAT_VERSION else -1
+            same_step = [m for m in self.manifests if m.step == step]
+            for expected in (m.files[role] for m in same_step if role in m.files):  # each algorithm once
+                sums.setdefault(expected.algorithm, file_sum(path, expected.algorithm))
         except pickle.UnpicklingError as e:
             reason = f"refused: loading it would run code ({_refusal(e)})" if "weights_only" in str(e) \
                 else "damaged: it does not load"
@@ -80,10 +86,7 @@ class _Inspector:
         except Exception:  # truncated zip, garbage bytes: torch raises several kinds
             reason = "damaged or truncated: it does not load"
         else:
-            version = state.get("format_version") if isinstance(state, dict) else None
-            step = int(state["step"]) if version == FORMAT_VERSION else -1
-            same_step = [m for m in self.manifests if m.step == step]
-            listed = [m for m in same_step if m.lists(role, checksum)]
+            listed = [m for m in same_step if role in m.files and m.lists(role, sums[m.files[role].algorithm])]
             if version != FORMAT_VERSION:
                 reason = f"written in checkpoint format {version}; this prefix reads format {FORMAT_VERSION}"
             elif listed and step > self.ceilings.get(listed[0].epoch, step):
@@ -100,7 +103,9 @@ class _Inspector:
                 if not reason:
                     return step, listed[0].world_size
             elif same_step:
-                reason = f"damaged: its SHA-256 does not match {same_step[0].name}"
+                named = same_step[0].files.get(role)
+                kind = NAMES[named.algorithm] if named else "checksum"
+                reason = f"damaged: its {kind} does not match {same_step[0].name}"
             else:
                 reason = f"no manifest of step {step} lists it, so it cannot be verified"
         self.findings.append(Finding(name, reason))

@@ -33,7 +33,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from prefix.checkpoint.files import SHARD_FOLDERS, FileSum, file_sum
+from prefix.checkpoint.checksums import DEFAULT, NAMES, FileSum, file_sum, matches
+from prefix.checkpoint.files import SHARD_FOLDERS
 
 FOLDER = re.compile(r"^sharded-(\d+)-([0-9a-f]+)$")  # files.shard_folder's names
 METADATA = ".metadata"
@@ -44,7 +45,8 @@ def role(folder: str, file: str) -> str:
     return f"{folder}/{file}"
 
 
-def write(folder: Path, state: dict[str, Any], rank: int, group: dist.ProcessGroup | None) -> dict[str, FileSum]:
+def write(folder: Path, state: dict[str, Any], rank: int, group: dist.ProcessGroup | None,
+          algorithm: str = DEFAULT) -> dict[str, FileSum]:
     """Collective over `group`: this rank's shards of `state` into `folder`; the checksums of the files it wrote.
 
     A rank that fails to write (a full disk) fails the save on every rank: DCP gathers the errors, and
@@ -58,7 +60,7 @@ def write(folder: Path, state: dict[str, Any], rank: int, group: dist.ProcessGro
         text = getattr(first, "strerror", None) or str(first).splitlines()[0]
         raise OSError(getattr(first, "errno", None) or errno.EIO, f"sharded save: {text}") from None
     mine = sorted(folder.glob(f"__{rank}_*.distcp")) + ([folder / METADATA] if rank == 0 else [])
-    return {role(folder.name, p.name): file_sum(p) for p in mine}
+    return {role(folder.name, p.name): file_sum(p, algorithm) for p in mine}
 
 
 def read(folder: Path, state: dict[str, Any]) -> None:
@@ -87,8 +89,8 @@ def problem(root: Path, name: str, files: dict[str, FileSum]) -> str | None:
         if not path.is_file():
             return f"{name}/{file} is missing"
         try:
-            if file_sum(path) != expected:
-                return f"{name}/{file} is damaged: its SHA-256 does not match the manifest"
+            if not matches(path, expected):
+                return f"{name}/{file} is damaged: its {NAMES[expected.algorithm]} does not match the manifest"
         except OSError as e:
             return f"{name}/{file} cannot be read ({e.strerror or e})"
     try:

@@ -26,6 +26,9 @@ import torch
 
 from prefix.distributed import dtensor_type
 
+_IMMUTABLE = (int, float, str, bool, bytes)
+"""Values a snapshot can share with the live state instead of copying."""
+
 
 class Snapshot:
     """Copies nested state dicts into buffers kept for the next save."""
@@ -37,11 +40,12 @@ class Snapshot:
         self._gpu_copied: torch.cuda.Event | None = None
         self._copied = threading.Event()
         self._copied.set()
+        self._dtensor: type | tuple = ()  # DTensor, when something imported it (this take's)
 
     def take(self, state: dict[str, Any]) -> dict[str, Any]:
         """`state`'s structure over the snapshot's buffers; readable once `fill()` has returned."""
         self._copied.clear()
-        self._pending, self._gpu_copied = [], None
+        self._pending, self._gpu_copied, self._dtensor = [], None, dtensor_type() or ()
         structure = self._copy(state, "", seen={})
         if self._gpu_copied is not None:
             self._gpu_copied.record()
@@ -67,8 +71,11 @@ class Snapshot:
         return time.monotonic() - begin
 
     def _copy(self, value: Any, path: str, seen: dict[tuple, torch.Tensor]) -> Any:
-        """`seen`: this take's buffers by the memory they copy."""
-        if isinstance(value, dtensor_type() or ()):  # a shard (FSDP): copy this rank's part, and where it sits
+        """`seen`: this take's buffers by the memory they copy. Runs on the step loop: every save, hundreds of
+        values (a save every step is the case to make cheap)."""
+        if value is None or type(value) in _IMMUTABLE:
+            return value
+        if isinstance(value, self._dtensor):  # a shard (FSDP): copy this rank's part, and where it sits
             local = self._tensor(value.to_local().detach(), path, seen)
             wrapped = self._wrapped.get(path)
             if wrapped is None or wrapped[0] is not local:  # rewrapping costs ~0.1 ms a tensor: once per buffer
@@ -77,7 +84,7 @@ class Snapshot:
                     stride=value.stride()))
             return self._wrapped[path][1]
         if isinstance(value, torch.Tensor):
-            return self._tensor(value.detach(), path, seen)
+            return self._tensor(value.detach() if value.requires_grad else value, path, seen)
         if isinstance(value, dict):
             return {k: self._copy(v, f"{path}/{k}", seen) for k, v in value.items()}
         if isinstance(value, (list, tuple)):

@@ -130,6 +130,7 @@ def validate(cfg: Config) -> None:
              "data.validate_hash", "must be unset or a hash streaming knows, e.g. sha1 or xxh64")
     _require(c.every_steps >= 0, "checkpoint.every_steps", "must be 0 (off) or positive")
     _require(c.keep_every_steps >= 0, "checkpoint.keep_every_steps", "must be 0 (off) or positive")
+    _require(c.checksum in ("xxh3", "sha256"), "checkpoint.checksum", "must be xxh3 or sha256")
     _require(c.remote is None or not _remote_problem(c.remote), "checkpoint.remote", _remote_problem(c.remote or ""))
     _require(c.remote is None or 0 < c.remote_timeout_s <= cfg.distributed.timeout_s / 2, "checkpoint.remote_timeout_s",
              f"must be positive and at most half of distributed.timeout_s ({cfg.distributed.timeout_s:g} s: the other "

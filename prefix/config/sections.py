@@ -174,7 +174,11 @@ class CheckpointConfig:
     keep_every_steps: int = 0
     """Also save every N-th step and keep it as checkpoints/step-<N>/ (hard links; never rotated); 0: off."""
     asynchronous: bool = True
-    """`checkpoint.async`: write periodic checkpoints in a background thread from a snapshot."""
+    """`checkpoint.async`: write periodic checkpoints in a background thread from a snapshot; a save due while
+    the previous write is in flight is skipped (the next boundary after that write's commit saves instead)."""
+    checksum: str = "xxh3"
+    """The checksum of every checkpoint file in its manifest: xxh3 (XXH3-128, ~10 GB/s) or sha256; a manifest
+    names its algorithm, so checkpoints written with either (or by older versions: SHA-256) verify."""
     remote: str | None = None
     """Also upload every committed checkpoint, in the background, to s3://bucket/prefix (gs://, oci:// or a path)
     under <run name>/; a start whose volume holds no usable checkpoint resumes from there. Unset: off."""

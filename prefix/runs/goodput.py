@@ -1,7 +1,7 @@
 """Goodput: where a run's wall-clock time went, across all its starts.
 
-Rank 0 keeps a ledger per start (`metrics/time.jsonl`): one `start` line (the process's creation
-time and when the loop began) and, at every logged step and at the end, the seconds spent since
+Rank 0 keeps a ledger per start (`metrics/time.jsonl`): one `start` line (when the start was
+launched, `launched()`, and when the loop began) and, at every logged step and at the end, the seconds spent since
 the previous line training, evaluating and checkpointing. `account()` reads the ledger of every
 start and splits the time the job held its machines into start-up, waiting for the run's lease (another start
 still held it: flushing its final checkpoint, or killed and not yet lapsed), productive training (steps
@@ -14,19 +14,35 @@ last ledger line: the steps after it are neither seen nor counted.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from prefix.errors import EXIT_DIR
 from prefix.runs import read_jsonl
 
 SPENT = ("train", "eval", "checkpoint")
 PARTS = ("startup", "lease", "productive", "redone", "eval", "checkpoint", "other")
+
+
+def launched() -> float:
+    """When this start was launched: this process's creation or, for the first workers of a torchrun agent,
+    the agent's (and that of `prefix launch` above it), whose start-up is this start's too."""
+    me = psutil.Process()
+    first = me.create_time()
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":  # a restarted worker group: the agent is older
+        with suppress(psutil.Error):
+            agent = me.parent()
+            first = min(first, agent.create_time())
+            if os.environ.get(EXIT_DIR):
+                first = min(first, agent.parent().create_time())
+    return first
 
 
 class Ledger:
@@ -46,15 +62,20 @@ class Ledger:
 
     def opened(self, step: int) -> None:
         self._write(step, {"event": "start", "restart": self.restart,
-                           "process_start": psutil.Process().create_time(), "lease_wait": self.lease_wait_s})
+                           "process_start": launched(), "lease_wait": self.lease_wait_s})
 
     def flush(self, step: int) -> None:
         self._write(step, {"restart": self.restart, **self._spent})
         self._spent = dict.fromkeys(SPENT, 0.0)
 
 
-def account(metrics: Path) -> dict[str, Any]:
-    """{"wall", "down", "goodput", "parts": {part: seconds}, "starts": n} from metrics/time.jsonl."""
+def account(metrics: Path, restarts: range | None = None, killed: dict[int, float] | None = None) -> dict[str, Any]:
+    """{"wall", "down", "goodput", "parts": {part: seconds}, "starts": n} from metrics/time.jsonl.
+
+    `restarts`: only the starts with these indices (0 is the first), e.g. a steady state without the
+    first start; what a start kept is still judged by the start after it. `killed`: start index → when
+    a harness SIGKILLed it (epoch seconds): its time after the last ledger line, the step in progress,
+    is redone work the ledger cannot see."""
     starts: dict[int, dict[str, Any]] = {}
     lines: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for line in read_jsonl(metrics / "time.jsonl"):
@@ -67,9 +88,14 @@ def account(metrics: Path) -> dict[str, Any]:
     order = sorted(starts)
     previous_end = None
     for i, restart in enumerate(order):
+        if restarts is not None and restart not in restarts:
+            continue
         start = starts[restart]
         kept_until = starts[order[i + 1]]["step"] if i + 1 < len(order) else float("inf")
         end = max([start["time"], *(line["time"] for line in lines[restart])])
+        unseen = max(0.0, (killed or {}).get(restart, end) - end)
+        parts["redone"] += unseen
+        end += unseen
         waited = float(start.get("lease_wait") or 0.0)
         parts["lease"] += waited
         parts["startup"] += start["time"] - start["process_start"] - waited
@@ -89,7 +115,13 @@ def account(metrics: Path) -> dict[str, Any]:
         previous_end = end
     parts["other"] = wall - sum(parts[p] for p in PARTS if p != "other")
     return {"wall": wall, "down": down, "goodput": parts["productive"] / wall if wall else None,
-            "parts": parts, "starts": len(order)}
+            "parts": parts, "starts": sum(1 for r in order if restarts is None or r in restarts)}
+
+
+def working_seconds(metrics: Path) -> float | None:
+    """The run's time in its step loops so far (wall less start-ups and lease waits); None without a ledger."""
+    g = account(metrics)
+    return g["wall"] - g["parts"]["startup"] - g["parts"]["lease"] if g["wall"] else None
 
 
 def describe(result: dict[str, Any]) -> str:

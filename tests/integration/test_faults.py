@@ -42,7 +42,7 @@ def test_corrupted_latest_falls_back_to_prev_and_ends_bit_identical(tmp_path):
     again = run(cmd)
     assert again.returncode == 0, again.stderr[-3000:]
     (unusable,) = events(run_dir, "checkpoint unusable")
-    assert unusable["file"] == "latest.pt" and "SHA-256 does not match" in unusable["reason"]
+    assert unusable["file"] == "latest.pt" and "XXH3-128 does not match" in unusable["reason"]
     assert events(run_dir, "falling back to step 30 in prev.pt")
     assert events(run_dir, "resumed from step 30")
     assert_same_weights(checkpoint(run_dir).model, finished)
@@ -85,7 +85,7 @@ def test_malicious_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
     checksum = files.write_durably({**state, "payload": RunsCode(marker)}, folder / "latest.pt")
     (manifest,) = folder.glob("manifest-10-*.json")  # a forged manifest too: only weights_only stops it
     body = json.loads(manifest.read_text())
-    body["files"]["global"] = {"sha256": checksum.sha256, "bytes": checksum.bytes}
+    body["files"]["global"] = checksum.to_json()
     manifest.write_text(json.dumps(body))
 
     assert_clean_exit_2(run(cmd), "latest.pt: refused: loading it would run code")

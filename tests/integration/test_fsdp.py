@@ -17,6 +17,7 @@ from helpers import (
     TINY,
     Launch,
     assert_clean_exit_2,
+    assert_same_run,
     assert_same_weights,
     checkpoint,
     losses,
@@ -72,8 +73,7 @@ def test_fsdp_sigterm_resume_is_bitwise_identical(baseline: Path, tmp_path: Path
     assert stopped_at < STEPS and checkpoint(run_dir).step == stopped_at
     finished(train_cmd(2, "r", tmp_path, *SETTINGS), tmp_path / "log2")
     assert any(e["event"] == f"resumed from step {stopped_at}" for e in read_jsonl(run_dir / "logs" / "rank0.jsonl"))
-    assert losses(run_dir) == losses(baseline)
-    assert_same_weights(checkpoint(run_dir).model, checkpoint(baseline).model)
+    assert_same_run(run_dir, baseline)
 
 
 def test_fsdp_sigkill_of_every_process_resumes_bitwise(baseline: Path, tmp_path: Path) -> None:
@@ -85,8 +85,7 @@ def test_fsdp_sigkill_of_every_process_resumes_bitwise(baseline: Path, tmp_path:
     assert saved <= killed_at < STEPS
     finished(train_cmd(2, "r", tmp_path, *SETTINGS), tmp_path / "log2")
     assert read_jsonl(run_dir / "meta" / "starts.jsonl")[-1]["start_step"] == saved
-    assert losses(run_dir) == losses(baseline)
-    assert_same_weights(checkpoint(run_dir).model, checkpoint(baseline).model)
+    assert_same_run(run_dir, baseline)
     folders = sorted(p.name for p in (run_dir / "checkpoints").glob("sharded-*"))
     assert len(folders) == 2, f"only latest's and prev's folders stay: {folders}"
 

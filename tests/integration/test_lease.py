@@ -12,7 +12,15 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import Launch, assert_same_weights, checkpoint, losses, read_jsonl, train_cmd, uninterrupted
+from helpers import (
+    Launch,
+    assert_same_run,
+    checkpoint,
+    losses,
+    read_jsonl,
+    train_cmd,
+    uninterrupted,
+)
 
 from prefix.runs import RunDir
 from prefix.runs.lease import claim_name, claims
@@ -38,11 +46,6 @@ def wait_for_text(path: Path, text: str, timeout: float = 120) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"{text!r} not in {path} within {timeout}s:\n{path.read_text()[-3000:]}")
-
-
-def assert_same_run(run_dir: Path, baseline: Path) -> None:
-    assert losses(run_dir) == losses(baseline)
-    assert_same_weights(checkpoint(run_dir).model, checkpoint(baseline).model)
 
 
 def test_a_second_live_start_waits_then_is_refused_and_the_live_run_is_unharmed(baseline: Path, tmp_path: Path):

@@ -5,7 +5,6 @@ stopped here. Real 2-rank torchrun runs find it as in a pod, through S3_ENDPOINT
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from helpers import (
     uninterrupted,
 )
 
-from prefix.checkpoint import files
+from prefix.checkpoint import checksums, files
 from prefix.checkpoint.remote import STAGING
 from prefix.checkpoint.remote_store import MANIFEST, Copy, Step, catalog, done_marker
 
@@ -115,7 +114,7 @@ def test_every_commit_is_uploaded_with_its_manifest_last(s3, stopped) -> None:
         name = files.latest_file(role)
         assert files.file_sum(stopped.run / "checkpoints" / name) == checksum, f"{name}: the committed file"
         body = s3.read(f"ckpt/r/{newest.name}/{name}")
-        assert hashlib.sha256(body).hexdigest() == checksum.sha256, f"{name}: the object"
+        assert checksums.digest(body, checksum.algorithm) == checksum.digest, f"{name}: the object"
     assert "checkpoint.remote: no checkpoint in s3://ckpts/ckpt/r yet; starting from the beginning" \
         in (stopped.root / "log").read_text()
     assert not [p for p in (stopped.run / "checkpoints" / STAGING).rglob("*") if p.is_file()], "staging cleaned up"
@@ -146,7 +145,7 @@ def test_a_damaged_remote_object_falls_back_to_the_previous_step(s3, stopped, tm
                            f"trainer.max_steps={previous.step}"))
     assert result.returncode == 0, result.stderr[-3000:]
     said = result.stdout + result.stderr
-    assert f"checkpoint.remote: step {newest.step} is unusable (latest_rank1.pt is damaged: its SHA-256 does not " \
+    assert f"checkpoint.remote: step {newest.step} is unusable (latest_rank1.pt is damaged: its XXH3-128 does not " \
            "match the manifest); trying an older one" in said
     assert f"resuming from remote s3://ckpts/spare/r step {previous.step}" in said
     assert checkpoint(tmp_path / "r").step == previous.step

@@ -10,7 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Launch, assert_same_weights, checkpoint, losses, read_jsonl, run, train_cmd, uninterrupted
+from helpers import (
+    Launch,
+    assert_same_run,
+    checkpoint,
+    losses,
+    read_jsonl,
+    run,
+    train_cmd,
+    uninterrupted,
+)
 
 STEPS = 120
 SETTINGS = (f"trainer.max_steps={STEPS}", "checkpoint.every_steps=10", "trainer.eval_every=40")
@@ -38,8 +47,7 @@ def test_sigterm_resume_is_bitwise_identical(baseline: Path, tmp_path: Path) -> 
     second = Launch(train_cmd(2, "r", tmp_path, *SETTINGS), tmp_path / "log2")
     assert second.wait() == 0
     assert any(e["event"] == f"resumed from step {stopped_at}" for e in read_jsonl(run_dir / "logs" / "rank0.jsonl"))
-    assert losses(run_dir) == losses(baseline)
-    assert_same_weights(checkpoint(run_dir).model, checkpoint(baseline).model)
+    assert_same_run(run_dir, baseline)
     assert checkpoint(run_dir).optimizer["state"].keys() == checkpoint(baseline).optimizer["state"].keys()
     starts = read_jsonl(run_dir / "meta" / "starts.jsonl")
     assert [s["start_step"] for s in starts] == [0, stopped_at]
@@ -61,8 +69,7 @@ def test_sigkill_redoes_only_steps_since_last_checkpoint(baseline: Path, tmp_pat
     resumed = starts[-1]["start_step"]
     # at most one interval, plus the steps an asynchronous write of the next checkpoint was in flight
     assert resumed == saved and killed_at - resumed <= 2 * 10, "redo at most about one checkpoint interval"
-    assert losses(run_dir) == losses(baseline)
-    assert_same_weights(checkpoint(run_dir).model, checkpoint(baseline).model)
+    assert_same_run(run_dir, baseline)
 
 
 def test_sigkill_during_a_background_write_resumes_the_previous_checkpoint(baseline: Path, tmp_path: Path) -> None:
@@ -94,8 +101,7 @@ def test_sigkill_during_a_background_write_resumes_the_previous_checkpoint(basel
     assert last.wait() == 0, (tmp_path / "log-last").read_text()[-3000:]
     resumed = read_jsonl(run_dir / "meta" / "starts.jsonl")[-1]["start_step"]
     assert resumed == committed < in_flight
-    assert losses(run_dir) == losses(baseline)
-    assert_same_weights(checkpoint(run_dir).model, checkpoint(baseline).model)
+    assert_same_run(run_dir, baseline)
 
 
 def test_restarting_a_finished_run_exits_zero_at_once(baseline: Path) -> None:

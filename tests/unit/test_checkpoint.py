@@ -171,7 +171,7 @@ def test_bit_flip_in_latest_is_caught_by_its_checksum_and_falls_back(tmp_path):
     choice, findings = choose(tmp_path, 2)
     assert (choice.step, choice.global_slot) == (10, "prev")
     (finding,) = [f for f in findings if f.unusable]
-    assert finding.file == "latest.pt" and "SHA-256 does not match" in finding.reason
+    assert finding.file == "latest.pt" and "XXH3-128 does not match" in finding.reason
 
 
 def test_missing_latest_falls_back_to_previous(tmp_path):

@@ -78,8 +78,8 @@ def test_a_damaged_file_of_a_kept_step_is_named(saved):
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     (problem,) = verify_save(saved / "step-4")
-    assert problem.file == "latest.pt" and "SHA-256 does not match" in problem.reason
-    with pytest.raises(UserError, match=r"step-4: latest\.pt: damaged: its SHA-256 does not match") as e:
+    assert problem.file == "latest.pt" and "XXH3-128 does not match" in problem.reason
+    with pytest.raises(UserError, match=r"step-4: latest\.pt: damaged: its XXH3-128 does not match") as e:
         history.verified(saved, 4)
     assert "\n" not in str(e.value) and "2, 6, 8, 10" in str(e.value)
     (saved / "step-6" / "latest_rank0.pt").unlink()

@@ -189,7 +189,7 @@ def test_an_empty_volume_resumes_from_the_newest_verified_remote_step(tmp_path: 
                     SimpleNamespace(epoch=1, check=lambda: None, wrote=False), log)
     choice, _ = remote.find({})
     assert choice is not None and choice.step == 20
-    assert ("warning", "checkpoint.remote: step 30 is unusable (latest.pt is damaged: its SHA-256 does not match "
+    assert ("warning", "checkpoint.remote: step 30 is unusable (latest.pt is damaged: its XXH3-128 does not match "
             "the manifest); trying an older one") in log.lines
     assert ("warning", f"resuming from remote {url} step 20") in log.lines
     assert torch.equal(torch.load(empty / "latest.pt", weights_only=True)["weights"], state(20)["weights"])

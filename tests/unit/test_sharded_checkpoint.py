@@ -178,7 +178,7 @@ def test_a_damaged_or_missing_shard_file_falls_back_to_the_previous_step(tmp_pat
     assert (choice.step, choice.global_slot) == (10, "prev")
     (finding,) = [f for f in findings if f.unusable]
     assert finding.file == "latest.pt" and file in finding.reason
-    assert ("missing" if damage == "missing" else "SHA-256 does not match") in finding.reason
+    assert ("missing" if damage == "missing" else "XXH3-128 does not match") in finding.reason
     assert resume(tmp_path, unusable=("latest.pt",)) == 10
 
 
