@@ -26,8 +26,8 @@ from pathlib import Path
 
 import common
 
-SCRIPTS = ("train_vs_bare", "checkpoint_stall", "sigterm_exit", "resume_latency", "startup", "data_throughput",
-           "fsdp")
+SCRIPTS = ("train_vs_bare", "model_step", "checkpoint_stall", "checkpoint_every_step", "sigterm_exit", "resume_latency", "startup",
+           "restart", "data_throughput", "fsdp", "goodput")
 DOCS = common.REPO / "docs" / "benchmarks.md"
 KEEP = "<!-- hand-written -->"
 

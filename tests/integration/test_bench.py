@@ -17,8 +17,12 @@ from helpers import REPO
 EXPECTED = {
     "train_vs_bare": {"prefix_tokens_per_s", "bare_streaming_tokens_per_s", "bare_preloaded_tokens_per_s",
                       "steps", "same_loss"},
+    "model_step": {"demo_ratio", "demo_prefix_ms_per_step", "demo_gpt2_ms_per_step", "demo_params_prefix",
+                   "demo_params_gpt2"},
     "checkpoint_stall": {"plain_save_s", "sync_stall_s", "async_stall_s", "async_available", "state_bytes",
                          "sync_loop_lost_s", "async_loop_lost_s"},
+    "checkpoint_every_step": {"off_tokens_per_s", "every_tokens_per_s", "saves_committed", "saves_skipped",
+                              "stall_s", "write_s", "same_loss"},
     "sigterm_exit": {"plain_save_s", "sigterm_to_saved_s", "sigterm_to_exit_s", "state_bytes"},
     "resume_latency": {"fresh_launch_to_first_step_s", "resume_launch_to_first_step_s",
                        "resume_launch_to_starting_s", "fresh_launch_to_model_s"},

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY, assert_clean_exit_2, run
 
-from prefix.tools import simulate
+from prefix.tools import schedule, simulate
 from prefix.tools.launch import outcome
 from prefix.tools.processes import ProcessTree, train_cmd
 
@@ -145,7 +145,7 @@ def test_the_job_command_exits_2_on_a_bad_config_and_the_job_fails(tmp_path):
     args = ["--config", str(TINY), "trainer.device=cpu", "trainer.no_such_key=1"]
     pod = simulate.from_manifest("bad", args)
     with simulate.Cluster(tmp_path, "job", args).start(pod, "bad", tmp_path / "cache") as launch:
-        assert simulate.wait_exit(launch, 120), launch.log.read_text()[-3000:]
+        assert schedule.wait_exit(launch, 120), launch.log.read_text()[-3000:]
     assert launch.proc.returncode == 2, launch.log.read_text()[-3000:]
     assert 2 in pod.fail_job, "the Job's podFailurePolicy must fail it: a retry would fail the same way"
     assert "prefix launch: exit 2: rank" in launch.log.read_text()
