@@ -71,8 +71,9 @@ def params(model: nn.Module) -> int:
 
 def matched_hidden(cfg: ModelConfig, target: int) -> int:
     """The GELU width that gives the baseline `target` parameters (to the nearest 8)."""
-    fixed = params(Gpt2(cfg, 0))
-    return max(8, 8 * round((target - fixed) / (2 * cfg.d_model * cfg.n_layer) / 8))
+    per_unit = 2 * cfg.d_model * cfg.n_layer  # each unit of MLP width: one column of fc, one row of out, per layer
+    fixed = params(Gpt2(cfg, 8)) - 8 * per_unit
+    return max(8, 8 * round((target - fixed) / per_unit / 8))
 
 
 def time_steps(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
