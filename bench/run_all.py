@@ -4,7 +4,7 @@ Each script runs in a process of its own (one that fails is recorded, the others
 bench/results/<name>.json; this script adds bench/results/machine.json and renders them all. Text below
 the line `<!-- hand-written -->` in docs/benchmarks.md is kept from one rendering to the next.
 
-  .venv/bin/python bench/run_all.py                  # every benchmark (8-15 minutes on 2 cores)
+  .venv/bin/python bench/run_all.py                  # every benchmark (about 25 minutes on 2 cores)
   .venv/bin/python bench/run_all.py --only startup   # one (or a few) again; the others' results are kept
   .venv/bin/python bench/run_all.py --render-only    # docs/benchmarks.md from the JSON files already there
   .venv/bin/python bench/run_all.py --quick --out /tmp/r --docs /tmp/b.md   # smoke test, quick modes
