@@ -57,7 +57,7 @@ def parts(config: Path, folder: Path, repeats: int) -> dict[str, float]:
     from torch.utils.serialization import config as serialization
 
     from prefix import config as configuration
-    from prefix.checkpoint import files
+    from prefix.checkpoint import checksums, files
     from prefix.checkpoint.snapshot import Snapshot
     from prefix.model import GPT
 
@@ -83,7 +83,7 @@ def parts(config: Path, folder: Path, repeats: int) -> dict[str, float]:
              "torch_save_crc32_s": crc32(True), "torch_save_s": crc32(False),
              "sha256_s": lambda: hashlib.sha256(data).hexdigest(), "xxh3_s": lambda: xxhash.xxh3_128(data).hexdigest(),
              "write_xxh3_fsync_s": lambda: files.write_durably(state, folder / "part.pt"),
-             "manifest_s": lambda: files.write_manifest(folder, 1, 2, {"global": files.file_sum(folder / "part.pt")})}
+             "manifest_s": lambda: files.write_manifest(folder, 1, 2, {"global": checksums.file_sum(folder / "part.pt")})}
     found: dict[str, list[float]] = {name: [] for name in timed}
     for _ in range(repeats):
         for name, fn in timed.items():

@@ -24,7 +24,6 @@ import torch
 from torch.utils.serialization import config as serialization
 
 from prefix.checkpoint.checksums import DEFAULT, FileSum, HashingWriter, matches, second_thread
-from prefix.checkpoint.checksums import file_sum as file_sum  # noqa: F401  (re-exported: files.file_sum)
 
 FORMAT_VERSION = 2
 """2: checksummed files with manifests. Files of format 1 are refused at resume."""

@@ -112,7 +112,7 @@ def test_every_commit_is_uploaded_with_its_manifest_last(s3, stopped) -> None:
     assert manifest.world_size == 2 and set(manifest.files) == {"global", "rank0", "rank1"}
     for role, checksum in manifest.files.items():
         name = files.latest_file(role)
-        assert files.file_sum(stopped.run / "checkpoints" / name) == checksum, f"{name}: the committed file"
+        assert checksums.file_sum(stopped.run / "checkpoints" / name) == checksum, f"{name}: the committed file"
         body = s3.read(f"ckpt/r/{newest.name}/{name}")
         assert checksums.digest(body, checksum.algorithm) == checksum.digest, f"{name}: the object"
     assert "checkpoint.remote: no checkpoint in s3://ckpts/ckpt/r yet; starting from the beginning" \

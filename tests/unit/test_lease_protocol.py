@@ -130,7 +130,8 @@ def test_a_fenced_holder_exits_before_its_next_write(tmp_path: Path) -> None:
 def test_resume_passes_over_a_checkpoint_an_older_epoch_committed_after_a_takeover(tmp_path: Path) -> None:
     import torch
 
-    from prefix.checkpoint.files import FORMAT_VERSION, file_sum
+    from prefix.checkpoint.checksums import file_sum
+    from prefix.checkpoint.files import FORMAT_VERSION
 
     run, folder = tmp_path / "r", tmp_path / "r" / "checkpoints"
     folder.mkdir(parents=True)

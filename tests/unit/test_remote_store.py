@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from prefix import config
-from prefix.checkpoint import Checkpointer, choose, files
+from prefix.checkpoint import Checkpointer, checksums, choose, files
 from prefix.checkpoint.remote import RESTORING, STAGING, Remote, restore
 from prefix.checkpoint.remote_store import MANIFEST, Copy, Missing, Step, Store, catalog, usable
 from prefix.checkpoint.remote_upload import Uploads
@@ -127,7 +127,7 @@ def test_commits_are_uploaded_with_their_checksums_and_old_steps_retired(tmp_pat
     manifest = Copy.loads((Path(url) / Step(40, 1).name / MANIFEST).read_text(), Step(40, 1))
     assert manifest.files == next(m.files for m in local if m.step == 40)
     for role, checksum in manifest.files.items():
-        assert files.file_sum(Path(url) / Step(40, 1).name / files.latest_file(role)) == checksum
+        assert checksums.file_sum(Path(url) / Step(40, 1).name / files.latest_file(role)) == checksum
     deleted = [e for e in events if e.startswith("delete")]
     assert deleted[0] == "delete step-00000010-e1/manifest.json" and len(deleted) == 3, "the manifest first"
     assert events[events.index(deleted[0]) - 1] == "guard", "the lease's fence before deleting"
@@ -168,7 +168,7 @@ def test_without_hard_links_a_file_rotated_before_its_copy_drops_the_step(tmp_pa
     assert uploads.uploaded == [20], "step 10's latest.pt changed under it: dropped, never uploaded wrong"
     manifest = Copy.loads((Path(url) / Step(20, 1).name / MANIFEST).read_text(), Step(20, 1))
     for role, checksum in manifest.files.items():
-        assert files.file_sum(Path(url) / Step(20, 1).name / files.latest_file(role)) == checksum
+        assert checksums.file_sum(Path(url) / Step(20, 1).name / files.latest_file(role)) == checksum
 
 
 def test_an_empty_volume_resumes_from_the_newest_verified_remote_step(tmp_path: Path):

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from helpers import RunsCode
 
-from prefix.checkpoint import Checkpointer, NoUsableCheckpoint, choose, files, sharded
+from prefix.checkpoint import Checkpointer, NoUsableCheckpoint, checksums, choose, files, sharded
 from prefix.config import CheckpointConfig
 from prefix.distributed import World
 
@@ -190,7 +190,7 @@ def test_a_crafted_metadata_is_refused_even_when_its_checksum_is_recorded(tmp_pa
     (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))  # DCP itself would pickle.load it
     # The attacker rewrites the manifest too: only the restricted unpickler stands in the way.
     (manifest,) = files.read_manifests(tmp_path)[0]
-    forged = {**manifest.files, sharded.role(folder.name, ".metadata"): files.file_sum(folder / ".metadata")}
+    forged = {**manifest.files, sharded.role(folder.name, ".metadata"): checksums.file_sum(folder / ".metadata")}
     os.unlink(tmp_path / manifest.name)
     files.write_manifest(tmp_path, 10, 1, forged)
     with pytest.raises(NoUsableCheckpoint) as e:
